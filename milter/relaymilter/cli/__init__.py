@@ -1,0 +1,1 @@
+"""relaymilter.cli."""

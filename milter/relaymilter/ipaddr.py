@@ -1,0 +1,67 @@
+"""NAME
+    relaymilter.ipaddr - client address normalisation
+
+DESCRIPTION
+    Every key in relayers.db is a client address in one canonical spelling, so
+    that the milter, the log watcher, vsmtprelay, sendmail and Postfix all
+    agree on it: IPv4 as a dotted quad, IPv6 in RFC 5952 compressed lowercase
+    form, and an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as the plain
+    dotted quad (a dual-stack listener reports IPv4 clients that way).
+
+    Spellings seen in the wild are accepted on input: sendmail's ``IPv6:``
+    prefix, ``[brackets]`` around a literal, surrounding whitespace.
+
+DIAGNOSTICS
+    normalize_ip() raises ValueError naming the offending text (shortened)
+    for anything that is not one IP address; zone ids (``fe80::1%eth0``) are
+    refused because they mean nothing to another host.
+
+Stdlib only: the pure policy core imports this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+MAX_ADDRESS_LEN = 64
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """Return *text* cut to *limit* characters for an error message."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + "...(%d chars)" % len(text)
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse one client address, unwrapping IPv4-mapped IPv6; ValueError if invalid."""
+    if not isinstance(text, str):
+        raise ValueError("invalid IP address: %r" % (text,))
+    raw = text.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        raw = raw[1:-1]
+    if raw[:5].lower() == "ipv6:":
+        raw = raw[5:]
+    if not raw or len(raw) > MAX_ADDRESS_LEN or "%" in raw:
+        raise ValueError("invalid IP address: %r" % shorten(text))
+    try:
+        addr = ipaddress.ip_address(raw)
+    except ValueError:
+        raise ValueError("invalid IP address: %r" % shorten(text)) from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def normalize_ip(text: str) -> str:
+    """Return the canonical relayers.db key for *text*; ValueError if it is not an IP."""
+    return str(parse_ip(text))
+
+
+def sort_key(key: str) -> tuple:
+    """Order map keys by address: IPv4 numerically, then IPv6, then anything else by text."""
+    try:
+        addr = parse_ip(key)
+    except ValueError:
+        return (2, 0, key)
+    return (0 if addr.version == 4 else 1, int(addr), key)

@@ -1,0 +1,308 @@
+"""NAME
+    relaymilter.store.bdb - Berkeley DB hash maps, the way sendmail and Postfix share them
+
+DESCRIPTION
+    relayers.db and spammers.db are plain Berkeley DB *hash* files, the format
+    `makemap hash` and `postmap hash:` write, so that sendmail (K ... hash) and
+    Postfix (hash:) can read them natively. This module is the only place that
+    opens them.
+
+    Keys are written makemap style: lowercase, no trailing NUL. A file that
+    already holds NUL-terminated keys (built by `makemap -N` or `postmap`) is
+    written in that style instead, because sendmail and Postfix lock in the
+    style of their first hit and a mixed file would hide entries. Lookups try
+    both styles.
+
+    Locking follows Debian's sendmail (HASFLOCK) and Postfix: flock(LOCK_SH)
+    on the .db around every read, flock(LOCK_EX) around every
+    read-modify-write, with the database synced before the lock is released.
+    Writers modify the file in place (as makemap does) so that the inode
+    readers hold stays the one writers lock.
+
+    MapReader is the long-lived reader the milter uses: one read-only handle,
+    reopened when the file changes. A change is detected with one stat
+    (inode, size, mtime); because file times are taken from a coarse clock,
+    a file modified less than RACY_NS before it was opened is never trusted
+    from cache (the "racy git" rule), so the first lookup after any write sees
+    it. A mutex serialises lookups: flock state belongs to the open file, not
+    the thread, and libmilter's worker pool calls in from many threads.
+
+DIAGNOSTICS
+    StoreUnavailable for a file that exists but cannot be read or written
+    (permissions, not a hash database, checksum errors, a lock not obtained
+    within the wait limit). A missing file reads as an empty map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from typing import Callable, Iterator, Optional
+
+from berkeleydb import db
+
+from relaymilter.errors import StoreUnavailable
+
+log = logging.getLogger("relaymilter.store")
+
+LOCK_WAIT = 30.0            # seconds a writer or reader waits for a flock
+RACY_NS = 100_000_000       # file mtimes closer than this to "now" are not trusted
+CREATE_MODE = 0o644
+
+
+def _fail(path: str, what: str, exc: BaseException) -> StoreUnavailable:
+    detail = exc.args[-1] if isinstance(exc, db.DBError) and exc.args else exc
+    if isinstance(exc, OSError) and exc.strerror:
+        detail = exc.strerror
+    return StoreUnavailable("%s: cannot %s: %s" % (path, what, detail))
+
+
+def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT) -> None:
+    """flock(fd, how) with a bounded wait; StoreUnavailable after *wait* seconds."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    deadline = time.monotonic() + wait
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("%s: lock not obtained within %gs" % (path, wait)) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+
+def strip_nul(raw: bytes) -> bytes:
+    return raw[:-1] if raw.endswith(b"\0") else raw
+
+
+def key_has_nul(handle: db.DB) -> Optional[bool]:
+    """True/False for the NUL style of the file's first key; None when empty."""
+    cur = handle.cursor()
+    try:
+        first = cur.first()
+    finally:
+        cur.close()
+    if first is None:
+        return None
+    return first[0].endswith(b"\0")
+
+
+def get_both_styles(handle: db.DB, key: bytes) -> Optional[bytes]:
+    """Look *key* up makemap style, then postmap style (with a trailing NUL)."""
+    value = handle.get(key)
+    if value is None:
+        value = handle.get(key + b"\0")
+    return None if value is None else strip_nul(value)
+
+
+class WriteTxn:
+    """A map opened for writing under LOCK_EX; keys go in the file's own NUL style."""
+
+    def __init__(self, handle: db.DB, nul: bool) -> None:
+        self.handle = handle
+        self.nul = nul
+
+    def _k(self, key: bytes) -> bytes:
+        return key + b"\0" if self.nul else key
+
+    def get(self, key: bytes) -> Optional[bytes]:
+        return get_both_styles(self.handle, key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.handle.put(self._k(key), value + b"\0" if self.nul else value)
+
+    def delete(self, key: bytes) -> bool:
+        found = False
+        for k in (key, key + b"\0"):
+            try:
+                self.handle.delete(k)
+                found = True
+            except db.DBNotFoundError:
+                pass
+        return found
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        cur = self.handle.cursor()
+        try:
+            rec = cur.first()
+            while rec is not None:
+                yield strip_nul(rec[0]), strip_nul(rec[1])
+                rec = cur.next()
+        finally:
+            cur.close()
+
+    def delete_where(self, pred: Callable[[bytes, bytes], bool]) -> list[tuple[bytes, bytes]]:
+        """Delete every record for which pred(key, value) holds; return them."""
+        removed = []
+        cur = self.handle.cursor()
+        try:
+            rec = cur.first()
+            while rec is not None:
+                k, v = strip_nul(rec[0]), strip_nul(rec[1])
+                if pred(k, v):
+                    cur.delete()
+                    removed.append((k, v))
+                rec = cur.next()
+        finally:
+            cur.close()
+        return removed
+
+
+@contextlib.contextmanager
+def write_map(path: str, create: bool = True) -> Iterator[WriteTxn]:
+    """Open *path* for a read-modify-write under flock(LOCK_EX); sync before unlocking.
+
+    The file is created (mode 0644 less umask) when missing and *create* is
+    true. A file that is not a hash database is refused and left untouched.
+    """
+    while True:
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            existed = os.path.exists(path)
+            fd = os.open(path, flags | os.O_CLOEXEC, CREATE_MODE)
+        except OSError as exc:
+            raise _fail(path, "open for writing", exc) from None
+        try:
+            flock_wait(fd, fcntl.LOCK_EX, path)
+            # Someone may have renamed a new file over the path while we waited:
+            # then our lock guards a file nobody reads any more. Start again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue
+            handle = db.DB()
+            try:
+                handle.open(path, dbtype=db.DB_HASH, flags=db.DB_CREATE if create else 0)
+            except db.DBError as exc:
+                handle.close()
+                if not existed and os.fstat(fd).st_size == 0:
+                    os.unlink(path)
+                raise _fail(path, "open as a hash database", exc) from None
+            try:
+                nul = key_has_nul(handle)
+                yield WriteTxn(handle, bool(nul))
+                handle.sync()
+            except db.DBError as exc:
+                raise _fail(path, "update", exc) from None
+            finally:
+                handle.close()
+            return
+        finally:
+            os.close(fd)
+
+
+def read_items(path: str) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of the map, read under flock(LOCK_SH); [] when missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise _fail(path, "open", exc) from None
+    try:
+        flock_wait(fd, fcntl.LOCK_SH, path)
+        if os.fstat(fd).st_size == 0:
+            return []
+        handle = db.DB()
+        try:
+            handle.open(path, dbtype=db.DB_HASH, flags=db.DB_RDONLY)
+            return list(WriteTxn(handle, False).items())
+        except db.DBError as exc:
+            raise _fail(path, "read as a hash database", exc) from None
+        finally:
+            handle.close()
+    finally:
+        os.close(fd)
+
+
+class MapReader:
+    """A long-lived, thread-safe reader of one map file; see the module header."""
+
+    def __init__(self, path: str, name: str = "map") -> None:
+        self.path = path
+        self.name = name
+        self._mutex = threading.Lock()
+        self._fd: Optional[int] = None
+        self._handle: Optional[db.DB] = None
+        self._sig: Optional[tuple] = None
+        self._trusted = False
+        self._missing_logged = False
+
+    def close(self) -> None:
+        with self._mutex:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._sig = None
+
+    def get(self, key: bytes) -> Optional[bytes]:
+        """The value for *key* (either NUL style), None when absent or the file is missing."""
+        with self._mutex:
+            return self._get(key)
+
+    def _get(self, key: bytes) -> Optional[bytes]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._drop()
+            if not self._missing_logged:
+                log.info("%s %s does not exist yet: treating it as empty", self.name, self.path)
+                self._missing_logged = True
+            return None
+        except OSError as exc:
+            raise _fail(self.path, "stat", exc) from None
+        self._missing_logged = False
+        if self._fd is None or not os.path.samestat(os.fstat(self._fd), st):
+            self._drop()
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise _fail(self.path, "open", exc) from None
+        flock_wait(self._fd, fcntl.LOCK_SH, self.path)
+        try:
+            st = os.fstat(self._fd)
+            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if st.st_size == 0:
+                return None
+            if self._handle is None or sig != self._sig or not self._trusted:
+                if self._handle is not None:
+                    self._handle.close()
+                    self._handle = None
+                handle = db.DB()
+                try:
+                    handle.open(self.path, dbtype=db.DB_HASH, flags=db.DB_RDONLY | db.DB_THREAD)
+                except db.DBError as exc:
+                    handle.close()
+                    self._sig = None
+                    raise _fail(self.path, "read as a hash database", exc) from None
+                self._handle = handle
+                self._sig = sig
+                self._trusted = time.time_ns() - st.st_mtime_ns > RACY_NS
+            try:
+                return get_both_styles(self._handle, key)
+            except db.DBError as exc:
+                self._handle.close()
+                self._handle = None
+                raise _fail(self.path, "read", exc) from None
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
