@@ -1,0 +1,164 @@
+"""NAME
+    relaymilter.yamlcheck - strict YAML reading with FILE:LINE errors
+
+DESCRIPTION
+    Configuration, log patterns and test scenarios are YAML that people edit
+    by hand. A typo must stop the program with the file and line of the
+    mistake, not be ignored. This module composes the YAML node tree (which
+    keeps line marks) and offers small typed accessors that raise ConfigError
+    with ``FILE:LINE: message``.
+
+DIAGNOSTICS
+    ConfigError for unreadable files, YAML syntax errors, unknown keys,
+    duplicate keys and values of the wrong type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import yaml
+
+from relaymilter.errors import ConfigError
+
+Node = yaml.Node
+
+
+def where(source: str, node: Optional[Node]) -> str:
+    if node is None:
+        return source
+    return "%s:%d" % (source, node.start_mark.line + 1)
+
+
+def compose_file(path: str) -> Optional[Node]:
+    """The YAML node tree of *path*; ConfigError naming file and line on any problem."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    return compose_text(data, path)
+
+
+def compose_text(data: bytes | str, source: str) -> Optional[Node]:
+    try:
+        return yaml.compose(data, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError("%s:%d: YAML syntax error: %s" % (source, line, exc.problem or exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("%s: YAML error: %s" % (source, exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text" % source) from None
+
+
+class Mapping:
+    """A YAML mapping node whose keys are checked against what the schema allows."""
+
+    def __init__(self, source: str, node: Optional[Node], what: str = "section") -> None:
+        self.source = source
+        self.node = node
+        self.items: dict[str, tuple[Node, Node]] = {}
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            return
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError("%s: %s must be a mapping of key: value" % (where(source, node), what))
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise ConfigError("%s: keys must be plain words" % where(source, knode))
+            if knode.value in self.items:
+                raise ConfigError("%s: duplicate key %r" % (where(source, knode), knode.value))
+            self.items[knode.value] = (knode, vnode)
+
+    def check_keys(self, allowed: Iterable[str], what: str = "key") -> None:
+        allowed = set(allowed)
+        for key, (knode, _) in self.items.items():
+            if key not in allowed:
+                raise ConfigError(
+                    "%s: unknown %s %r (known: %s)" % (where(self.source, knode), what, key, ", ".join(sorted(allowed)))
+                )
+
+    def node_of(self, key: str) -> Optional[Node]:
+        pair = self.items.get(key)
+        return pair[1] if pair else None
+
+    def has(self, key: str) -> bool:
+        return key in self.items
+
+    def err(self, key: str, message: str) -> ConfigError:
+        return ConfigError("%s: %s: %s" % (where(self.source, self.node_of(key) or self.node), key, message))
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The plain Python value of *key* (constructed safely), or *default*."""
+        node = self.node_of(key)
+        if node is None:
+            return default
+        return construct(self.source, node)
+
+    def str(self, key: str, default: Optional[str] = None, nullable: bool = False) -> Optional[str]:
+        v = self.value(key, default)
+        if v is None and (nullable or default is None):
+            return None
+        if not isinstance(v, str) or not v:
+            raise self.err(key, "must be a non-empty string")
+        return v
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.value(key, default)
+        if not isinstance(v, bool):
+            raise self.err(key, "must be true or false")
+        return v
+
+    def int(self, key: str, default: Optional[int], minimum: int = 0, nullable: bool = False) -> Optional[int]:
+        v = self.value(key, default)
+        if v is None and nullable:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.err(key, "must be a whole number >= %d%s" % (minimum, " or null" if nullable else ""))
+        return v
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        v = self.value(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < minimum:
+            raise self.err(key, "must be a number >= %g" % minimum)
+        return float(v)
+
+    def str_list(self, key: str, default: Iterable[str] = (), check: Optional[Callable[[str], Any]] = None) -> list[Any]:
+        """A list of strings (a single string is accepted as a one-item list)."""
+        node = self.node_of(key)
+        if node is None:
+            return list(default)
+        if isinstance(node, yaml.ScalarNode):
+            v = construct(self.source, node)
+            if v is None:
+                return []
+            nodes = [node]
+        elif isinstance(node, yaml.SequenceNode):
+            nodes = node.value
+        else:
+            raise self.err(key, "must be a list")
+        out = []
+        for item in nodes:
+            v = construct(self.source, item)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = str(v)
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError("%s: %s: each item must be a non-empty string" % (where(self.source, item), key))
+            if check is not None:
+                try:
+                    v = check(v.strip())
+                except ValueError as exc:
+                    raise ConfigError("%s: %s: %s" % (where(self.source, item), key, exc)) from None
+            out.append(v)
+        return out
+
+    def sub(self, key: str) -> "Mapping":
+        return Mapping(self.source, self.node_of(key), "%r" % key)
+
+
+def construct(source: str, node: Node) -> Any:
+    try:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        raise ConfigError("%s: %s" % (where(source, node), exc)) from None
