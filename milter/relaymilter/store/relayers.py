@@ -94,45 +94,6 @@ class BDBRelayStore:
             return [key for key in keys if not txn.delete(key.encode("ascii"))]
 
     def delete_if_unchanged(self, entries: Mapping[str, int]) -> list[str]:
-        """Remove each address whose stored timestamp still equals the given one."""
-
-    def expire(self, before: int) -> list[tuple[str, int]]:
-        """Remove every entry with timestamp <= *before*; return what was removed."""
-
-    def entries(self) -> list[tuple[str, int]]:
-        """Every (address, timestamp), ordered by address."""
-
-    def close(self) -> None:
-        """Release handles and connections."""
-
-
-class BDBRelayStore:
-    """relayers.db on a Berkeley DB hash file (the makemap/sendmail/Postfix format)."""
-
-    def __init__(self, path: str) -> None:
-        self.location = os.path.expanduser(path)
-        self._reader = MapReader(self.location, "relayers map")
-
-    def lookup(self, ip: str) -> Optional[int]:
-        raw = self._reader.get(normalize_ip(ip).encode("ascii"))
-        return None if raw is None else parse_ticks(raw)
-
-    def add(self, entries: Mapping[str, int], ttl: Optional[int] = None) -> None:
-        items = [(normalize_ip(ip).encode("ascii"), b"%d" % int(ts)) for ip, ts in entries.items()]
-        with write_map(self.location) as txn:
-            for key, value in items:
-                txn.put(key, value)
-
-    def delete(self, ips: Iterable[str]) -> list[str]:
-        keys = [normalize_ip(ip) for ip in ips]
-        missing = []
-        with write_map(self.location, create=False) if os.path.exists(self.location) else _nothing() as txn:
-            for key in keys:
-                if txn is None or not txn.delete(key.encode("ascii")):
-                    missing.append(key)
-        return missing
-
-    def delete_if_unchanged(self, entries: Mapping[str, int]) -> list[str]:
         wanted = {normalize_ip(ip).encode("ascii"): int(ts) for ip, ts in entries.items()}
         if not wanted or not os.path.exists(self.location):
             return []
