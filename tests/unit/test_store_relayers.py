@@ -57,7 +57,7 @@ def test_nul_style_map_is_read_and_written_in_its_own_style(tmp_path):
     store.add({"192.0.2.2": 88})
     assert raw_items(path) == {b"192.0.2.1\0": b"77\0", b"192.0.2.2\0": b"88\0"}
     assert store.delete(["192.0.2.1"]) == []
-    assert store.expire(100) == [("192.0.2.2", 88)]
+    assert store.expire(100) == 1
     assert raw_items(path) == {}
 
 
@@ -72,7 +72,7 @@ def test_missing_file_is_empty_map(tmp_path):
     store = BDBRelayStore(str(tmp_path / "none.db"))
     assert store.lookup("192.0.2.1") is None
     assert store.entries() == []
-    assert store.expire(10**10) == []
+    assert store.expire(10**10) == 0
     assert store.delete(["192.0.2.1"]) == ["192.0.2.1"]
     assert not (tmp_path / "none.db").exists()
 
@@ -239,3 +239,20 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         p.join(120)
         assert p.exitcode == 0
     assert len(BDBRelayStore(path).entries()) == 8 * 150
+
+
+@pytest.mark.parametrize("old,young", [(900, 100), (100, 900)])
+def test_expire_truncating_or_deleting_keeps_the_young(tmp_path, old, young):
+    """Both expire strategies (truncate + rewrite when most go, delete otherwise) keep exactly the young."""
+    path = str(tmp_path / "r.db")
+    store = BDBRelayStore(path)
+    store.add({"10.0.%d.%d" % (i >> 8, i & 255): 5 for i in range(old)})
+    store.add({"10.1.%d.%d" % (i >> 8, i & 255): 50 for i in range(young)})
+    inode = os.stat(path).st_ino
+    reader = BDBRelayStore(path)
+    assert reader.lookup("10.0.0.1") == 5
+    assert store.expire(10) == old
+    assert os.stat(path).st_ino == inode        # in place: sendmail's and readers' inode stays
+    assert dict(store.entries()) == {"10.1.%d.%d" % (i >> 8, i & 255): 50 for i in range(young)}
+    assert reader.lookup("10.0.0.1") is None and reader.lookup("10.1.0.1") == 50
+    assert subprocess.run(["db5.3_verify", path], capture_output=True, timeout=60).returncode == 0

@@ -31,6 +31,8 @@ DEFAULT_PATH = "~/etc/relayers.db"
 
 def parse_ticks(raw: bytes) -> int:
     """A stored value as epoch seconds: its leading digits, like the classic tool's atol()."""
+    if raw.isdigit():
+        return int(raw)
     digits = b""
     for ch in raw.strip():
         if 48 <= ch <= 57:
@@ -59,8 +61,8 @@ class RelayStore(Protocol):
     def delete_if_unchanged(self, entries: Mapping[str, int]) -> list[str]:
         """Remove each address whose stored timestamp still equals the given one."""
 
-    def expire(self, before: int) -> list[tuple[str, int]]:
-        """Remove every entry with timestamp <= *before*; return what was removed."""
+    def expire(self, before: int) -> int:
+        """Remove every entry with timestamp <= *before*; return how many were removed."""
 
     def entries(self) -> list[tuple[str, int]]:
         """Every (address, timestamp), ordered by address."""
@@ -106,12 +108,11 @@ class BDBRelayStore:
                     gone.append(key.decode("ascii"))
         return gone
 
-    def expire(self, before: int) -> list[tuple[str, int]]:
+    def expire(self, before: int) -> int:
         if not os.path.exists(self.location):
-            return []
+            return 0
         with write_map(self.location, create=False) as txn:
-            removed = txn.delete_where(lambda k, v: parse_ticks(v) <= before)
-        return _ordered((k.decode("ascii", "replace"), parse_ticks(v)) for k, v in removed)
+            return txn.remove_where(lambda v: parse_ticks(v) <= before)
 
     def entries(self) -> list[tuple[str, int]]:
         return _ordered((k.decode("ascii", "replace"), parse_ticks(v)) for k, v in read_items(self.location))
