@@ -1,0 +1,163 @@
+"""NAME
+    relaymilter.policy.rcpt - the RCPT TO decision (sendmail's check_rcpt)
+
+DESCRIPTION
+    In check_rcpt's order, the first that applies wins:
+
+    1. the recipient resolves to a local domain (class w), or is
+       unqualified (``<postmaster>``)                       -> local_domain
+    2. it resolves to a relay domain (class R) or, unless relay_subdomains
+       is off (FEATURE(relay_hosts_only)), a subdomain of one -> relay_domain
+    3. the client is trusted (no IP at all, as sendmail treats an empty
+       {client_addr}, or inside trusted_networks)           -> trusted_network
+       authenticated and permit_authenticated               -> authenticated
+       listed in relayers.db (recent enough, if a window is set) -> relayers_db
+    4. otherwise 550 5.7.1 Relaying denied                  -> default_reject
+
+    "Resolves" is address.resolve(): routing characters left in the local
+    part of a local *or relay* domain are unwrapped, as sendmail's
+    ParseRecipient does for $=R too, so ``user%remote@relayed.example``
+    is judged as ``user@remote``.
+
+    The sender is deliberately not an input: granting relay on MAIL FROM
+    (FEATURE(relay_local_from)) makes an open relay for anyone who forges a
+    local sender.
+
+DIAGNOSTICS
+    The relayers lookup is the only I/O and it is handed in.  If it raises
+    StoreUnavailable the relay attempt gets 451 4.3.0 (rule
+    relayers_unavailable) - never relayed, never lost; local and relay-domain
+    recipients are decided before any lookup, so an unreadable map never
+    blocks them.  An address that cannot be parsed is refused with 553 5.1.3
+    (malformed_address) for a client that may not relay, and let through
+    for one that may (the MTA judges its syntax itself).  Any other
+    exception from the lookup propagates: the adapter tempfails it.
+
+Stdlib only: part of the pure policy core.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relaymilter import replies
+from relaymilter.errors import StoreUnavailable
+from relaymilter.ipaddr import parse_ip
+from relaymilter.policy.address import BadAddress, Resolved, parent_domains, resolve
+from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
+
+
+@dataclass(frozen=True)
+class RcptPolicy:
+    """What check_rcpt needs from the config (domains normalised by normalize_domain)."""
+
+    local_domains: frozenset[str]
+    relay_domains: frozenset[str]
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    permit_authenticated: bool
+    window: int | None  # minutes; None = presence in relayers.db suffices
+    relay_subdomains: bool = True
+    percent_hack: bool = True
+    bang_paths: bool = True
+
+    def is_local(self, domain: str) -> bool:
+        return domain in self.local_domains
+
+    def is_relay(self, domain: str) -> bool:
+        if domain in self.relay_domains:
+            return True
+        if not self.relay_subdomains or domain.startswith("["):
+            return False
+        return any(parent in self.relay_domains for parent in parent_domains(domain))
+
+    def is_ours(self, domain: str) -> bool:
+        """Local or relay: routing left in such a local part is unwrapped."""
+        return self.is_local(domain) or self.is_relay(domain)
+
+
+@dataclass(frozen=True)
+class Client:
+    """The SMTP client: addr normalised by ipaddr.normalize_ip, None when there is no IP."""
+
+    addr: str | None
+    auth_authen: str | None = None
+
+
+@dataclass(frozen=True)
+class RcptVerdict:
+    """A decision plus what the log line needs: the resolved recipient or why it failed."""
+
+    decision: Decision
+    resolved: Resolved | None
+    error: str | None = None
+
+
+def _client_rule(
+    policy: RcptPolicy,
+    client: Client,
+    relay_lookup: Callable[[str], int | None],
+    now: float,
+) -> str | None:
+    """The rule that lets this client relay, or None; may raise StoreUnavailable."""
+    if not client.addr:
+        return "trusted_network"
+    try:
+        ip = parse_ip(client.addr)
+    except ValueError:
+        ip = None
+    if ip is not None and any(ip in net for net in policy.trusted_networks):
+        return "trusted_network"
+    if client.auth_authen and policy.permit_authenticated:
+        return "authenticated"
+    if ip is None:
+        # Not an address we can key relayers.db on: no one logged in from it.
+        return None
+    stamp = relay_lookup(str(ip))
+    if stamp is None:
+        return None
+    if policy.window is not None and stamp + policy.window * 60 < now:
+        return None
+    return "relayers_db"
+
+
+def evaluate_rcpt(
+    policy: RcptPolicy,
+    client: Client,
+    rcpt: str,
+    relay_lookup: Callable[[str], int | None],
+    now: float,
+) -> RcptVerdict:
+    """Decide one RCPT TO and say what it resolved to (see the module notes)."""
+    resolved: Resolved | None
+    error: str | None = None
+    try:
+        resolved = resolve(rcpt, policy.is_ours, percent_hack=policy.percent_hack, bang_paths=policy.bang_paths)
+    except BadAddress as exc:
+        resolved, error = None, str(exc)
+    if resolved is not None:
+        if resolved.domain is None or policy.is_local(resolved.domain):
+            return RcptVerdict(Continue("local_domain"), resolved)
+        if policy.is_relay(resolved.domain):
+            return RcptVerdict(Continue("relay_domain"), resolved)
+    try:
+        rule = _client_rule(policy, client, relay_lookup, now)
+    except StoreUnavailable:
+        return RcptVerdict(TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable"), resolved, error)
+    if rule is not None:
+        return RcptVerdict(Continue(rule), resolved, error)
+    if resolved is None:
+        return RcptVerdict(Reject(replies.MALFORMED_ADDRESS, "malformed_address"), None, error)
+    return RcptVerdict(Reject(replies.RELAYING_DENIED, "default_reject"), resolved)
+
+
+def check_rcpt(
+    policy: RcptPolicy,
+    client: Client,
+    rcpt: str,
+    relay_lookup: Callable[[str], int | None],
+    now: float,
+) -> Decision:
+    """Decide one RCPT TO; evaluate_rcpt() also returns the resolved address."""
+    return evaluate_rcpt(policy, client, rcpt, relay_lookup, now).decision
