@@ -1,0 +1,136 @@
+"""NAME
+    conftest - pytest fixtures for integration tests with a real sendmail
+
+DESCRIPTION
+    Thin fixtures over mta.py (which benchmarks and scripts import directly):
+
+    free_port           a TCP port on 127.0.0.1 nobody listens on now
+    socket_dir          a short private directory for unix sockets (sun_path
+                        holds 107 bytes; pytest's tmp_path can be longer)
+    sendmail_factory    make(**Sendmail kwargs) -> a started Sendmail, stopped
+                        by PID at teardown; function scope
+    module_sendmail_factory   the same, shared by one test module
+    probe_milter_factory      make(socket_spec=None) -> a started
+                        tests/data/sendmail_probe_milter.py, killed at teardown
+
+DIAGNOSTICS
+    Nothing is skipped: when sendmail, sendmail-cf, m4 or unshare are missing
+    the fixtures raise mta.MTAError naming the package to install.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+import mta
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+PROBE_MILTER = DATA / "sendmail_probe_milter.py"
+
+
+class SendmailFactory:
+    """Starts Sendmail instances in numbered run dirs; stop_all() stops them by PID."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.started: list[mta.Sendmail] = []
+
+    def __call__(self, **kwargs: object) -> mta.Sendmail:
+        rundir = self.base / ("sendmail-%d" % len(self.started))
+        rundir.mkdir(parents=True)
+        kwargs.setdefault("port", mta.free_port())
+        mx = mta.Sendmail(rundir, **kwargs)  # type: ignore[arg-type]
+        self.started.append(mx)
+        return mx.start()
+
+    def stop_all(self) -> None:
+        errors = []
+        for mx in self.started:
+            try:
+                mx.stop()
+            except mta.MTAError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise mta.MTAError("; ".join(errors))
+
+
+class ProbeMilter(mta.ServerProcess):
+    """tests/data/sendmail_probe_milter.py as a subprocess, with its JSON log."""
+
+    def __init__(self, socket_spec: str, workdir: Path, name: str = "probe-milter") -> None:
+        self.records_file = workdir / (name + ".jsonl")
+        super().__init__([sys.executable, str(PROBE_MILTER), socket_spec, str(self.records_file)],
+                         socket_spec, workdir / (name + ".out"))
+
+    def records(self, event: Optional[str] = None) -> list[dict]:
+        """What the milter logged, one dict per callback, optionally of one event."""
+        try:
+            lines = self.records_file.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        found = [json.loads(line) for line in lines if line.strip()]
+        return [r for r in found if event is None or r["event"] == event]
+
+
+@pytest.fixture(scope="session")
+def mta_tools() -> None:
+    """The MTA tools are installed; an error (not a skip) otherwise."""
+    mta.require_tools()
+
+
+@pytest.fixture
+def free_port() -> int:
+    return mta.free_port()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="rm-sock-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sendmail_factory(mta_tools: None, tmp_path: Path) -> Iterator[SendmailFactory]:
+    factory = SendmailFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_sendmail_factory(mta_tools: None, tmp_path_factory: pytest.TempPathFactory
+                            ) -> Iterator[SendmailFactory]:
+    factory = SendmailFactory(tmp_path_factory.mktemp("sendmail"))
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def probe_milter_factory(socket_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ProbeMilter]]:
+    """make(socket_spec=None, start=True): the probe milter; default a unix socket."""
+    made: list[ProbeMilter] = []
+
+    def make(socket_spec: Optional[str] = None, start: bool = True) -> ProbeMilter:
+        spec = socket_spec or "unix:%s/probe-%d.sock" % (socket_dir, len(made))
+        milter = ProbeMilter(spec, tmp_path, "probe-milter-%d" % len(made))
+        made.append(milter)
+        return milter.start() if start else milter
+
+    try:
+        yield make
+    finally:
+        for milter in made:
+            milter.stop()
