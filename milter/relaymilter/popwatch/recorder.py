@@ -1,0 +1,321 @@
+"""NAME
+    relaymilter.popwatch.recorder - turn login events into relayers.db entries, and expire them
+
+DESCRIPTION
+    Tracker receives the events the matcher finds and keeps, per client
+    address, the time of its last login/logout and its open sessions.
+
+    Writing: logins are collected and written by flush() in ONE store.add()
+    (one locked read-modify-write) per burst of log lines, so a flood of
+    logins costs one write, and a single login is written as soon as the
+    watcher has read it. The stored value is the login time: the line's own
+    time when it is within LIVE_SKEW of the clock (syslog has whole seconds),
+    else the clock; for read-back lines, always the line's time.
+
+    A timestamp is never moved backwards: an entry whose stored time is
+    later than the login (``vsmtprelay add IP <future ticks>``, or another
+    watcher's newer login) is left as it is and is not ours.
+
+    Expiry runs on the clock (the watcher calls expire() when next_due()
+    says), not on log traffic: an address expires ``grace`` seconds after its
+    last login, or after its last logout while a pattern tracks sessions.
+    An open session keeps it, for at most ``max_session`` seconds after the
+    login (a lost logout line must not keep an address forever). Removal is
+    store.delete_if_unchanged({ip: the time we wrote}): an entry someone else
+    changed since (vsmtprelay, another watcher) is never touched.
+
+    Addresses are canonicalised with relaymilter.ipaddr (IPv4-mapped IPv6 as
+    the dotted quad); invalid ones are counted and skipped, and addresses in
+    skip_networks (default: trusted_networks) are never recorded.
+
+DIAGNOSTICS
+    StoreUnavailable from the store is logged; the writes are kept and
+    retried after RETRY seconds, expiry likewise. Counters in Tracker.stats:
+    logins, logouts, invalid_ip, skipped_local, undated, too_old,
+    unmatched_logouts, written, expired, kept_changed, abandoned_sessions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import logging
+from collections import Counter
+from typing import Optional, Sequence, Union
+
+from relaymilter.errors import StoreUnavailable
+from relaymilter.ipaddr import parse_ip
+from relaymilter.popwatch.matcher import Event
+from relaymilter.store.relayers import RelayStore
+
+log = logging.getLogger("relaymilter.popwatch")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+LIVE_SKEW = 300.0
+RETRY = 2.0
+MANY = 64            # above this many addresses in one flush, read the whole map once
+DEFAULT_MAX_SESSION = 8 * 3600
+
+
+class Tracker:
+    """Per-address login state, batched writes and clock-driven expiry."""
+
+    def __init__(self, store: Optional[RelayStore], grace: int, max_session: int = DEFAULT_MAX_SESSION,
+                 skip_networks: Sequence[Network] = (), write: bool = True) -> None:
+        self.store = store
+        self.write = write and store is not None
+        self.configure(grace, max_session, skip_networks)
+        self._ours: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+        self._open: dict[str, dict[tuple, float]] = {}
+        self._by_session: dict[tuple[str, str], str] = {}
+        self._writes: dict[str, tuple[int, str]] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._seq = itertools.count()
+        self._retry_at = 0.0
+        self.stats: Counter[str] = Counter()
+
+    def configure(self, grace: int, max_session: int, skip_networks: Sequence[Network]) -> None:
+        self.grace = int(grace)
+        self.max_session = int(max_session)
+        self.skip_networks = tuple(skip_networks)
+        heap = getattr(self, "_heap", None)
+        if heap:
+            for ip in list(self._last):
+                self._schedule(ip)
+
+    # -- events -------------------------------------------------------------
+
+    def canonical(self, raw: Optional[str]) -> Optional[str]:
+        """The relayers.db key for *raw*, or None (counted) when invalid or local."""
+        try:
+            addr = parse_ip(raw or "")
+        except ValueError:
+            self.stats["invalid_ip"] += 1
+            log.warning("not an IP address in a login line: %r (skipped)", (raw or "")[:60])
+            return None
+        if any(addr in net for net in self.skip_networks):
+            self.stats["skipped_local"] += 1
+            log.debug("%s is in a local network: not recorded", addr)
+            return None
+        return str(addr)
+
+    def handle(self, ev: Event, now: float, backlog: bool = False, since: Optional[float] = None) -> Optional[str]:
+        """Record one event; for a login, the canonical address recorded (else None)."""
+        if backlog:
+            ts = ev.ts
+            if ts is None:
+                self.stats["undated"] += 1
+                return None
+        elif ev.ts is not None and abs(ev.ts - now) <= LIVE_SKEW:
+            ts = ev.ts
+        else:
+            ts = now
+        if since is not None and ts < since:
+            self.stats["too_old"] += 1
+            return None
+        if ev.kind == "login":
+            return self._login(ev, ts)
+        self._logout(ev, ts)
+        return None
+
+    def _login(self, ev: Event, ts: float) -> Optional[str]:
+        ip = self.canonical(ev.ip)
+        if ip is None:
+            return None
+        self.stats["logins"] += 1
+        self._last[ip] = max(self._last.get(ip, 0.0), ts)
+        if ev.tracks_sessions:
+            key: tuple = (ev.pattern, ev.session) if ev.session else (ev.pattern, None, next(self._seq))
+            self._open.setdefault(ip, {})[key] = ts
+            if ev.session:
+                self._by_session[(ev.pattern, ev.session)] = ip
+        self._queue(ip, int(ts), "login")
+        self._schedule(ip)
+        log.info("login from %s (%s%s)", ip, ev.pattern, ", user %s" % ev.user if ev.user else "")
+        return ip
+
+    def _logout(self, ev: Event, ts: float) -> None:
+        ip: Optional[str] = None
+        key: Optional[tuple] = None
+        if ev.session:
+            key = (ev.pattern, ev.session)
+            ip = self._by_session.pop(key, None)
+        if ip is None and ev.ip is not None:
+            try:
+                ip = str(parse_ip(ev.ip))
+            except ValueError:
+                self.stats["invalid_ip"] += 1
+                return
+        sessions = self._open.get(ip or "")
+        if ip is None or not sessions:
+            self.stats["unmatched_logouts"] += 1
+            return
+        if key is None or key not in sessions:
+            mine = [k for k in sessions if k[0] == ev.pattern]
+            if not mine:
+                self.stats["unmatched_logouts"] += 1
+                return
+            key = min(mine, key=sessions.__getitem__)
+        del sessions[key]
+        if not sessions:
+            del self._open[ip]
+        self.stats["logouts"] += 1
+        self._last[ip] = max(self._last.get(ip, 0.0), ts)
+        if ip not in self._open:
+            # The stored time becomes the logout: the grace period counts from there.
+            self._queue(ip, int(ts), "logout")
+        self._schedule(ip)
+        log.debug("logout of %s (%s)", ip, ev.pattern)
+
+    def _queue(self, ip: str, stamp: int, kind: str) -> None:
+        prev = self._writes.get(ip)
+        if prev is None:
+            self._writes[ip] = (stamp, kind)
+        elif prev[0] < stamp:
+            # A pending login stays a login (it must be written even if a logout follows).
+            self._writes[ip] = (stamp, "login" if prev[1] == "login" else kind)
+
+    # -- writing ------------------------------------------------------------
+
+    def retry_now(self) -> None:
+        """Forget the back-off after a store error (the final flush before exit tries once more)."""
+        self._retry_at = 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self._writes)
+
+    def flush(self, now: float) -> list[tuple[str, int]]:
+        """Write the queued logins in one locked update; what was written."""
+        if not self._writes or now < self._retry_at:
+            return []
+        writes, self._writes = self._writes, {}
+        if not self.write:
+            done = []
+            for ip, (stamp, kind) in sorted(writes.items()):
+                if self._due(ip) > now:
+                    log.info("nowrite: would record %s %d (%s)", ip, stamp, kind)
+                    self._ours[ip] = stamp
+                    done.append((ip, stamp))
+            return done
+        assert self.store is not None
+        try:
+            stored = self._stored(list(writes))
+            todo: dict[str, int] = {}
+            for ip, (stamp, kind) in writes.items():
+                cur = stored.get(ip)
+                mine = self._ours.get(ip)
+                if cur == stamp:
+                    self._ours[ip] = stamp                  # already there (a restart's read-back)
+                elif cur is not None and cur > stamp:
+                    if mine != cur:
+                        self._ours.pop(ip, None)            # someone else's newer or future entry
+                elif kind == "logout" and (cur is None or cur != mine):
+                    self._ours.pop(ip, None)                # deleted or changed by someone else
+                elif self._due(ip) <= now:
+                    self.stats["too_old"] += 1              # read back, but its grace is over already
+                else:
+                    todo[ip] = stamp
+            if todo:
+                self.store.add(todo, ttl=self.grace)
+        except StoreUnavailable as exc:
+            log.error("cannot write relayers map: %s (retrying in %gs)", exc, RETRY)
+            for ip, (stamp, kind) in writes.items():
+                self._queue(ip, stamp, kind)
+            self._retry_at = now + RETRY
+            return []
+        self._ours.update(todo)
+        self.stats["written"] += len(todo)
+        log.debug("wrote %d entr%s to %s", len(todo), "y" if len(todo) == 1 else "ies", self.store.location)
+        return sorted(todo.items())
+
+    def _stored(self, ips: list[str]) -> dict[str, Optional[int]]:
+        assert self.store is not None
+        if len(ips) > MANY:
+            return dict(self.store.entries())
+        return {ip: self.store.lookup(ip) for ip in ips}
+
+    # -- expiry -------------------------------------------------------------
+
+    def _due(self, ip: str) -> float:
+        due = self._last.get(ip, 0.0) + self.grace
+        for opened in self._open.get(ip, {}).values():
+            due = max(due, opened + self.max_session)
+        return due
+
+    def _schedule(self, ip: str) -> None:
+        heapq.heappush(self._heap, (self._due(ip), ip))
+
+    def next_due(self) -> Optional[float]:
+        """When expire() next has work (or a failed write should be retried); None when idle."""
+        heap = self._heap
+        while heap:
+            due, ip = heap[0]
+            if ip in self._last and self._due(ip) == due:
+                break
+            heapq.heappop(heap)
+        nxt = heap[0][0] if heap else None
+        if self._writes:
+            nxt = self._retry_at if nxt is None else min(nxt, self._retry_at)
+        return nxt
+
+    def expire(self, now: float) -> list[str]:
+        """Remove the entries whose time is up (and still hold what we wrote); the removed addresses."""
+        due: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, ip = heapq.heappop(heap)
+            if ip in self._last and self._due(ip) == when and ip not in self._writes and ip not in due:
+                due.append(ip)
+        if not due:
+            return []
+        if now < self._retry_at:
+            for ip in due:
+                heapq.heappush(heap, (self._retry_at, ip))
+            return []
+        theirs = {ip: self._ours[ip] for ip in due if ip in self._ours}
+        removed: list[str] = []
+        if theirs and self.write:
+            assert self.store is not None
+            try:
+                removed = self.store.delete_if_unchanged(theirs)
+            except StoreUnavailable as exc:
+                log.error("cannot expire entries in relayers map: %s (retrying in %gs)", exc, RETRY)
+                self._retry_at = now + RETRY
+                for ip in due:
+                    heapq.heappush(heap, (self._retry_at, ip))
+                return []
+        elif theirs:
+            removed = sorted(theirs)
+            for ip in removed:
+                log.info("nowrite: would expire %s", ip)
+        gone = set(removed)
+        for ip in due:
+            if ip in self._open:
+                self.stats["abandoned_sessions"] += len(self._open[ip])
+                log.warning("%s: no logout seen within max_session (%ds): treating its sessions as closed",
+                            ip, self.max_session)
+                for key in self._open.pop(ip):
+                    if key[1] is not None:
+                        self._by_session.pop((key[0], key[1]), None)
+            if ip in gone:
+                log.info("expired %s (grace of %ds over)", ip, self.grace)
+            elif ip in theirs:
+                self.stats["kept_changed"] += 1
+                log.info("left %s alone: its entry changed since popwatch wrote it", ip)
+            self._ours.pop(ip, None)
+            self._last.pop(ip, None)
+        self.stats["expired"] += len(gone)
+        return sorted(gone)
+
+    @property
+    def addresses(self) -> int:
+        """How many addresses are being tracked (seen within their grace period)."""
+        return len(self._last)
+
+    @property
+    def tracked(self) -> dict[str, int]:
+        """Address -> the time popwatch wrote for it (entries it will expire)."""
+        return dict(self._ours)
