@@ -101,11 +101,12 @@ def serve(conn: Conn, answer: Callable[[bytes, bytes], bytes] = lambda c, d: pkt
 
 
 class FakeMilter:
-    """Listen on 127.0.0.1 (or a unix socket), run ``handler`` for each connection."""
+    """Listen on 127.0.0.1 (or ::1, or a unix socket), run ``handler`` for each connection."""
 
-    def __init__(self, handler: Callable[[Conn], None], unix: bool = False) -> None:
+    def __init__(self, handler: Callable[[Conn], None], unix: bool = False, inet6: bool = False) -> None:
         self.handler = handler
         self.unix = unix
+        self.inet6 = inet6
         self.received: List[Packet] = []
         self.connections = 0
         self.errors: List[BaseException] = []
@@ -119,6 +120,10 @@ class FakeMilter:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.listener.bind(self.path)
             self.spec = "unix:" + self.path
+        elif self.inet6:
+            self.listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            self.listener.bind(("::1", 0))
+            self.spec = "inet6:%d@[::1]" % self.listener.getsockname()[1]
         else:
             self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.listener.bind(("127.0.0.1", 0))

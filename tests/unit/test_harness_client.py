@@ -257,6 +257,14 @@ def test_unix_socket_and_local_spelling() -> None:
                 assert s.connect("127.0.0.5").action == "continue"
 
 
+def test_inet6_socket() -> None:
+    with FakeMilter(serve, inet6=True) as fake:
+        assert fake.spec.startswith("inet6:")
+        with MilterSession(fake.spec, timeout=2) as s:
+            assert s.connect("::1").action == "continue"
+    assert packets(fake, b"C") == [b"[IPv6:::1]\0" b"6" b"\x00\x00" b"::1\0"]
+
+
 def test_abort_sends_abort() -> None:
     with FakeMilter(serve) as fake:
         with MilterSession(fake.spec, timeout=2) as s:

@@ -132,6 +132,13 @@ class MilterSession:
             # Small request/answer packets: Nagle plus delayed ACKs would add 40 ms a step.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        try:
+            return self._negotiate()
+        except ProtocolError:
+            self.close()  # no QUIT: the stream is out of step
+            raise
+
+    def _negotiate(self) -> OptNeg:
         step = "OPTNEG"
         self._send(step, codec.encode_optneg(self.offer.version, self.offer.actions, self.offer.protocol))
         cmd, data = self._read_packet(step, time.monotonic() + self.timeout)
