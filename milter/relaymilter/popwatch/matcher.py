@@ -61,7 +61,11 @@ class Matcher:
     def __init__(self, patterns: PatternSet) -> None:
         self.patterns = patterns
         self.rules: tuple[Rule, ...] = patterns.rules
-        self.tracking = {p.name: p.tracks_sessions for p in patterns.patterns}
+        # A login opens a session only if a logout of that pattern can close it:
+        # by address, or by session id when the login line carried one.
+        self.tracking = {p.name: (any(r.kind == "logout" and "ip" in r.regex.groupindex for r in p.rules),
+                                  any(r.kind == "logout" and "session" in r.regex.groupindex for r in p.rules))
+                         for p in patterns.patterns}
         lits: dict[bytes, int] = {}
         self._always = 0
         for i, rule in enumerate(self.rules):
@@ -151,8 +155,10 @@ class Matcher:
         name = rule.pattern
         if kind == "login" or kind == "logout":
             ip = g.get("ip")
+            session = _text(g.get("session"))
+            by_ip, by_session = self.tracking[name]
             events.append(Event(kind, name, None if ip is None else ip.decode("ascii", "replace"), ts,
-                                _text(g.get("session")), _text(g.get("user")), self.tracking[name]))
+                                session, _text(g.get("user")), by_ip or (by_session and session is not None)))
         elif kind == "pending":
             key = (name, g["pid"] or b"")
             self._pending.pop(key, None)
@@ -165,6 +171,6 @@ class Matcher:
             if found is not None:
                 ip, first_ts, user = found
                 events.append(Event("login", name, ip, ts if ts is not None else first_ts, None,
-                                    _text(g.get("user")) or user, self.tracking[name]))
+                                    _text(g.get("user")) or user, self.tracking[name][0]))
         elif kind == "cancel":
             self._pending.pop((name, g["pid"] or b""), None)
