@@ -21,22 +21,27 @@ dnl a few milliseconds, so 10 s means something is wrong; a timeout is
 dnl handled like a down milter (F=T: 451). Override with
 dnl RELAYMILTER_TIMEOUTS, e.g. `C:10s;S:10s;R:10s;E:30s'.
 dnl
-dnl Macros: relaymilter needs {client_addr} at connect and RCPT (the
-dnl client's address, also for Postfix compatibility), and {auth_authen}
-dnl and {auth_type} at MAIL (SMTP AUTH users may relay). They are added
-dnl to sendmail's macro lists (or to your own, if you defined them
-dnl before this include), never replacing what is already there.
+dnl Macros: relaymilter reads {client_addr} at connect and RCPT (the
+dnl address sendmail checks, as in its own relay rules), {auth_authen}
+dnl and {auth_type} at MAIL (SMTP AUTH users may relay). Each is added to
+dnl sendmail's macro list (or to your own, if you defined the list before
+dnl this include) unless already there; nothing is replaced.
 dnl
 ifdef(`RELAYMILTER_SOCKET', , `define(`RELAYMILTER_SOCKET', `inet:8894@127.0.0.1')')dnl
 ifdef(`RELAYMILTER_TIMEOUTS', , `define(`RELAYMILTER_TIMEOUTS', `C:10s;S:10s;R:10s;E:30s')')dnl
 dnl _RELAYMILTER_ADD(list, macro): append macro to list unless it is in it.
-define(`_RELAYMILTER_ADD', `ifelse(index(`, 'defn(`$1')`,', `, $2,'), `-1',
-`ifelse(defn(`$1'), `', `define(`$1', `$2')',
-`define(`$1', defn(`$1')`, $2')')')')dnl
-_RELAYMILTER_ADD(`confMILTER_MACROS_CONNECT', `{client_addr}')dnl
-_RELAYMILTER_ADD(`confMILTER_MACROS_ENVFROM', `{auth_authen}')dnl
-_RELAYMILTER_ADD(`confMILTER_MACROS_ENVFROM', `{auth_type}')dnl
-_RELAYMILTER_ADD(`confMILTER_MACROS_ENVRCPT', `{client_addr}')dnl
+dnl Quotes are [ ] meanwhile, so that the ` and ' in sendmail's stock lists
+dnl are plain characters; translit drops them and blanks, and turns commas
+dnl into ; (its result is rescanned, where a comma would split arguments).
+changequote([,])dnl
+define([_RELAYMILTER_ADD],
+[ifelse(index([;]translit(defn([$1]), [,`' 	], [;])[;], [;$2;]), [-1],
+[define([$1], ifelse(defn([$1]), [], [], [defn([$1])[, ]])[$2])])])dnl
+_RELAYMILTER_ADD([confMILTER_MACROS_CONNECT], [{client_addr}])dnl
+_RELAYMILTER_ADD([confMILTER_MACROS_ENVFROM], [{auth_authen}])dnl
+_RELAYMILTER_ADD([confMILTER_MACROS_ENVFROM], [{auth_type}])dnl
+_RELAYMILTER_ADD([confMILTER_MACROS_ENVRCPT], [{client_addr}])dnl
+changequote(`,')dnl
 dnl Included twice (say from a DOMAIN file and sendmail.mc): declare it once.
 ifdef(`_RELAYMILTER_DECLARED_', ,
 `define(`_RELAYMILTER_DECLARED_')dnl

@@ -10,8 +10,9 @@ DESCRIPTION
     sendmail_factory    make(**Sendmail kwargs) -> a started Sendmail, stopped
                         by PID at teardown; function scope
     module_sendmail_factory   the same, shared by one test module
-    probe_milter_factory      make(socket_spec=None) -> a started
-                        tests/data/sendmail_probe_milter.py, killed at teardown
+    probe_milter_factory      make(socket_spec=None, start=True) -> the probe
+                        milter (tests/data/sendmail_probe_milter.py; default
+                        a unix socket), killed by PID at teardown
 
 DIAGNOSTICS
     Nothing is skipped: when sendmail, sendmail-cf, m4 or unshare are missing
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +36,21 @@ import mta
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 PROBE_MILTER = DATA / "sendmail_probe_milter.py"
+
+
+def socket_listening(spec: str) -> bool:
+    """Whether a milter-style socket spec (inet:PORT@HOST, unix:/path) is listening."""
+    kind, _, rest = spec.partition(":")
+    if kind == "inet":
+        port, _, host = rest.partition("@")
+        return mta.tcp_listening(int(port), host or "127.0.0.1")
+    if kind in ("unix", "local"):
+        # /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path; 00010000 = accepting
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            next(table)
+            return any(len(f) >= 8 and f[7] == rest and int(f[3], 16) & 0x10000
+                       for f in (line.split() for line in table))
+    raise ValueError("unsupported socket spec: %r" % spec)
 
 
 class SendmailFactory:
@@ -61,13 +79,37 @@ class SendmailFactory:
             raise mta.MTAError("; ".join(errors))
 
 
-class ProbeMilter(mta.ServerProcess):
+class ProbeMilter:
     """tests/data/sendmail_probe_milter.py as a subprocess, with its JSON log."""
 
     def __init__(self, socket_spec: str, workdir: Path, name: str = "probe-milter") -> None:
+        self.socket_spec = socket_spec
         self.records_file = workdir / (name + ".jsonl")
-        super().__init__([sys.executable, str(PROBE_MILTER), socket_spec, str(self.records_file)],
-                         socket_spec, workdir / (name + ".out"))
+        self.output = workdir / (name + ".out")
+        self.argv = [sys.executable, str(PROBE_MILTER), socket_spec, str(self.records_file)]
+        self._proc: Optional[subprocess.Popen] = None
+        self.pid: Optional[int] = None
+
+    def start(self, timeout: float = 10.0) -> "ProbeMilter":
+        """Start it and wait (bounded) until its socket is listening."""
+        with open(self.output, "ab") as out:
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                          start_new_session=True)
+        self.pid = self._proc.pid
+        try:
+            mta.wait_until(lambda: socket_listening(self.socket_spec), timeout,
+                           "probe milter on %s" % self.socket_spec,
+                           alive=lambda: self._proc is not None and self._proc.poll() is None)
+        except mta.MTAError as exc:
+            self.stop()
+            raise mta.MTAError("%s\n%s" % (exc, self.output.read_text(errors="replace")[-2000:])) from None
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL by PID (pymilter takes ~5 s to exit on SIGTERM) and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            mta.terminate(proc, signal.SIGKILL, 10.0)
 
     def records(self, event: Optional[str] = None) -> list[dict]:
         """What the milter logged, one dict per callback, optionally of one event."""

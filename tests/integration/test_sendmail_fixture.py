@@ -147,7 +147,8 @@ def test_stop_leaves_no_process_behind(sendmail_factory, probe_milter_factory):
 def _m4(mc: Path, out: Path, *defines: str) -> str:
     proc = subprocess.run(["m4", *("-D" + d for d in defines), str(mta.CF_M4), str(mc)],
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0 and "ERROR" not in proc.stderr, proc.stderr
+    # m4's own diagnostics start with "m4:"; cf's errprint ones say ERROR or WARNING.
+    assert proc.returncode == 0 and "ERROR" not in proc.stderr and "m4:" not in proc.stderr, proc.stderr
     out.write_text(proc.stdout)
     return proc.stdout
 
@@ -195,6 +196,15 @@ def test_snippet_appends_macros_and_is_overridable(tmp_path, mta_tools):
     assert macros["envfrom"] == stock["envfrom"]
     assert {"{auth_authen}", "{auth_type}"} <= set(stock["envfrom"])
     assert re.findall(r"^X.*$", text, re.M) == ["Xrelaymilter, S=inet:8894@127.0.0.1, F=T, T=C:10s;S:10s;R:10s;E:30s"]
+
+    # Already there, first or last, with or without blanks: left as it is.
+    edges = tmp_path / "edges.mc"
+    edges.write_text("OSTYPE(`linux')dnl\ndefine(`confMILTER_MACROS_CONNECT', `{client_addr},j')dnl\n"
+                     "define(`confMILTER_MACROS_ENVFROM', ``{auth_authen}, i,{auth_type}'')dnl\n"
+                     "include(`%s')dnl\nMAILER(`local')dnl\n" % (PACKAGING / "relaymilter.m4"))
+    macros = _macro_options(_m4(edges, tmp_path / "edges.cf"))
+    assert macros["connect"] == ["{client_addr}", "j"]
+    assert macros["envfrom"] == ["{auth_authen}", "i", "{auth_type}"]
 
     own = tmp_path / "own.mc"
     own.write_text("OSTYPE(`linux')dnl\n"
