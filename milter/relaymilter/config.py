@@ -247,6 +247,18 @@ def _choice(m: Mapping, key: str, default: str, allowed: tuple[str, ...]) -> str
     return v
 
 
+def _check_redis_url(rel: Mapping, url: str) -> None:
+    """A bad Redis URL or option stops start-up here, not at the first relay attempt."""
+    try:
+        from relaymilter.store.redis import parse_store_url  # needs redis-py: only for a url
+    except ImportError:
+        raise rel.err("url", "a Redis URL needs the redis Python package (pip install 'relaymilter[redis]')") from None
+    try:
+        parse_store_url(url)
+    except ValueError as exc:
+        raise rel.err("url", str(exc)) from None
+
+
 def load_config(path: Optional[str] = None) -> Config:
     """Read and validate the configuration (see find_config for which file)."""
     source = find_config(path)
@@ -285,6 +297,8 @@ def load_config(path: Optional[str] = None) -> Config:
     url = rel.str("url", None, nullable=True)
     if url is not None and not re.match(r"^(rediss?|unix|redis\+sentinel)://", url):
         raise rel.err("url", "want redis://HOST:PORT/DB, rediss://..., unix://... or redis+sentinel://...")
+    if url is not None:
+        _check_redis_url(rel, url)
     relayers = RelayersConfig(
         path=rel.str("path", RelayersConfig.path),
         url=url,

@@ -117,6 +117,24 @@ class BDBRelayStore:
     def entries(self) -> list[tuple[str, int]]:
         return _ordered((k.decode("ascii", "replace"), parse_ticks(v)) for k, v in read_items(self.location))
 
+    def sync(self, entries: Mapping[str, int]) -> tuple[int, int]:
+        """Make the map hold exactly *entries*, in one locked write; return (written, removed).
+
+        Only what differs is written (relaymilter-mirror calls this every
+        round); the file is created when missing, in place otherwise, so
+        sendmail and Postfix keep reading the inode they have open.
+        """
+        wanted = {normalize_ip(ip).encode("ascii"): b"%d" % int(ts) for ip, ts in entries.items()}
+        with write_map(self.location) as txn:
+            current = dict(txn.items())
+            stale = [key for key in current if key not in wanted]
+            changed = [(key, value) for key, value in wanted.items() if current.get(key) != value]
+            for key in stale:
+                txn.delete(key)
+            for key, value in changed:
+                txn.put(key, value)
+        return len(changed), len(stale)
+
     def close(self) -> None:
         self._reader.close()
 
