@@ -4,11 +4,13 @@ and failures the kernel produces (read-only directory, file size limit) that mus
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,10 +139,56 @@ def test_failure_while_writing_removes_the_temporary_file(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "-f", str(src), "-o", str(db)],
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (1, "")
-    assert proc.stderr.startswith("vnewspammers: error: %s/.spammers.db." % tmp_path)
-    assert "cannot write" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("vnewspammers: error: %s: cannot write the new map: File too large" % db)
+    assert proc.stderr.count("\n") == 1
     assert digest(db) == before
     assert sorted(os.listdir(tmp_path)) == ["big", "spammers.db", "spammers.db.lock"]
+
+
+def test_a_run_waits_for_the_lock_and_then_reads_the_latest_source(tmp_path):
+    db = tmp_path / "spammers.db"
+    src = tmp_path / "spammers"
+    src.write_text("first.example\n")
+    assert rebuild(str(src), str(db)) == 1
+    before = digest(db)
+    lock = os.open(str(db) + ".lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    proc = subprocess.Popen(cli("-f", str(src), "-o", str(db)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Blocked = it holds the lock file open and has not finished.
+        deadline = time.monotonic() + 30
+        while not holds_open(proc.pid, str(db) + ".lock"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "vnewspammers never opened the lock file"
+            time.sleep(0.01)
+        assert proc.poll() is None and digest(db) == before
+        src.write_text("second.example\nthird.example\n")   # edited while the other run waits
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(lock)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert (proc.returncode, out, err) == (0, "vnewspammers: wrote 2 entries to %s\n" % db, "")
+    smap = SpammersMap(str(db))
+    assert smap.contains("third.example") and not smap.contains("first.example")
+
+
+def holds_open(pid: int, path: str) -> bool:
+    fd_dir = "/proc/%d/fd" % pid
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(os.path.join(fd_dir, name)) == path:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def test_concurrent_runs_do_not_race(tmp_path):

@@ -189,8 +189,11 @@ def _fill(path: str, keys: list[str]) -> None:
         for key in keys:
             handle.put(key.encode("utf-8"), VALUE)
         handle.sync()
-    finally:
-        handle.close()
+    except BaseException:
+        with contextlib.suppress(db.DBError):   # keep the first error, not close()'s
+            handle.close()
+        raise
+    handle.close()
 
 
 def _keep_attrs(fd: int, target: str) -> None:
@@ -233,7 +236,7 @@ def _replace(target: str, keys: list[str]) -> None:
             _keep_attrs(fd, target)
             os.fsync(fd)        # Berkeley DB's sync() does not reach the disk
         except (OSError, db.DBError) as exc:
-            raise _unavailable(tmp, "write", exc) from None
+            raise _unavailable(target, "write the new map", exc) from None
         finally:
             os.close(fd)
         try:
