@@ -100,6 +100,7 @@ class Matcher:
                 i = find(lit, end + 1)
         if not cand:
             return []
+        self.stats["candidates"] += len(cand)
         events: list[Event] = []
         for start in sorted(cand):
             end = find(b"\n", start)
@@ -110,6 +111,7 @@ class Matcher:
         events: list[Event] = []
         lits = self._lits
         for line in block.split(b"\n")[:-1]:
+            self.stats["candidates"] += 1
             mask = self._always
             for lit, m in lits:
                 if lit in line:
@@ -118,7 +120,6 @@ class Matcher:
         return events
 
     def _line(self, line: bytes, mask: int, now: float, events: list[Event]) -> None:
-        self.stats["candidates"] += 1
         if line.endswith(b"\r"):
             line = line[:-1]
         if b"\0" in line:
@@ -131,7 +132,7 @@ class Matcher:
                 line.decode("utf-8")
             except UnicodeDecodeError:
                 self.stats["nonutf8"] += 1
-        lead_ts: Optional[float] = None
+        lead = b""
         pos = -1
         while mask:
             low = mask & -mask
@@ -141,12 +142,13 @@ class Matcher:
                 m = rule.regex.match(line)
             else:
                 if pos < 0:
-                    lead_ts, pos = self._ts.leading(line, now)
+                    lead, pos = self._ts.skip(line)
                 m = rule.regex.match(line, pos)
             if m is None:
                 continue
             groups = m.groupdict()
-            ts = self._ts.parse(groups["ts"], now) if groups.get("ts") is not None else lead_ts
+            stamp = groups.get("ts") or lead
+            ts = self._ts.parse(stamp, now) if stamp else None
             self._apply(rule, groups, ts, events)
             return
 

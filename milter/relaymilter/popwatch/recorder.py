@@ -54,7 +54,6 @@ log = logging.getLogger("relaymilter.popwatch")
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 LIVE_SKEW = 300.0
 RETRY = 2.0
-MANY = 64            # above this many addresses in one flush, read the whole map once
 DEFAULT_MAX_SESSION = 8 * 3600
 
 
@@ -232,9 +231,8 @@ class Tracker:
         return sorted(todo.items())
 
     def _stored(self, ips: list[str]) -> dict[str, Optional[int]]:
+        # Point lookups, not a read of the whole map: cost follows the burst, not the map size.
         assert self.store is not None
-        if len(ips) > MANY:
-            return dict(self.store.entries())
         return {ip: self.store.lookup(ip) for ip in ips}
 
     # -- expiry -------------------------------------------------------------

@@ -38,6 +38,7 @@ FUTURE_SLACK = 86400.0
 _BSD = re.compile(rb"([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d):(\d\d):(\d\d)")
 _ISO = re.compile(rb"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:[.,](\d{1,9}))?(Z|[+-]\d\d:?\d\d)?")
 _CTIME = re.compile(rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d):(\d\d):(\d\d) (\d{4})")
+_LEAD = re.compile(b"(" + b"|".join(r.pattern for r in (_BSD, _ISO, _CTIME)) + b") ")
 _CACHE_MAX = 4096
 
 
@@ -55,6 +56,13 @@ class TimestampParser:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[bytes, int], Optional[float]] = {}
+
+    def skip(self, line: bytes) -> tuple[bytes, int]:
+        """(the leading timestamp text, offset just past it and one space); (b"", 0) when none."""
+        m = _LEAD.match(line)
+        if m is None:
+            return b"", 0
+        return m.group(1), m.end()
 
     def leading(self, line: bytes, now: float) -> tuple[Optional[float], int]:
         """(epoch or None, offset just past the timestamp and one space; 0 when none)."""
