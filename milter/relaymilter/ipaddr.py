@@ -56,6 +56,14 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def normalize_ip(text: str) -> str:
     """Return the canonical relayers.db key for *text*; ValueError if it is not an IP."""
+    # Fast path for the common case, a plain dotted quad: glibc's inet_pton is
+    # strict (four decimal octets, no leading zeros, nothing around them), so
+    # whatever it accepts is already canonical.
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+        return text
+    except (OSError, TypeError, ValueError):
+        pass
     return str(parse_ip(text))
 
 
