@@ -21,8 +21,8 @@
 # Environment: PYTHON (default /usr/bin/python3), DEB_REVISION (default 1),
 # DEBFULLNAME / DEBEMAIL (the Maintainer field), and pip's own variables
 # (PIP_FIND_LINKS=DIR PIP_NO_INDEX=1 for a build from local wheels only).
-# Needs: the packages packaging/scripts/deps.sh installs; root is not
-# required (dpkg-deb --root-owner-group).
+# Needs: python3-venv python3-dev gcc libmilter-dev libdb5.3-dev (it says
+# which are missing); root is not required (dpkg-deb --root-owner-group).
 set -euo pipefail
 
 top="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -31,6 +31,15 @@ outdir="${1:-$top/dist}"
 prefix=/usr/lib/relaymilter
 
 die() { echo "build-deb.sh: error: $*" >&2; exit 1; }
+
+# What the build itself needs (not sendmail nor postfix: build on a mail
+# server of either kind, or elsewhere).
+build_deps=(python3-venv python3-dev gcc libmilter-dev libdb5.3-dev dpkg)
+missing=()
+for pkg in "${build_deps[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+[ "${#missing[@]}" -eq 0 ] || die "missing build packages: apt-get install ${missing[*]}"
 
 python="$(readlink -f "${PYTHON:-/usr/bin/python3}")"
 [ -x "$python" ] || die "no Python interpreter at ${PYTHON:-/usr/bin/python3}"
