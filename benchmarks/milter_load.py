@@ -6,29 +6,30 @@
 
 Method: both milters run as real processes on unix sockets: relaymilter through
 tests/integration/milterproc.py (decision log to a file), the baseline
-benchmarks/minimal_milter.py (continues on everything; overrides the same callbacks,
-so both negotiate the same steps). Generator processes (milter_loadgen.py) keep
+benchmarks/minimal_milter.py (continues on everything; overrides the same callbacks, so
+both negotiate the same steps). Generator processes (milter_loadgen.py) keep
 --concurrency milter connections busy, each an MTA's short session sent as sendmail
-sends it: optneg, macros + connect, mail, three RCPTs, abort + quit, wait for the
-milter to close, next session on a new connection. Packets are encoded once (relaymilter.harness.codec) and
-every answer is compared byte for byte with the expected packet: half the clients
-are in relayers.db (all recipients continue), half are not (remote recipients get
-550 5.7.1 Relaying denied, local ones continue); the minimal milter must continue on
-all. One session of each kind first goes through the harness's MilterSession, an
-independent check of those expectations. One milter is loaded at a time, in
-alternating rounds (A B B A), so that load from other processes hits both alike.
-Reading the figures: sessions/s and RCPT/s are completed work over the window; p50/p99
-RCPT is the time from sending SMFIC_RCPT to having its whole reply, as the generator
-sees it (so it includes the generator's own delay). CPU columns are user+sys seconds
-over the window and, in brackets, average cores busy: the milter's process tree
+sends it: optneg, macros + connect, mail, three RCPTs, abort + quit, wait for the milter
+to close, next session on a new connection. Packets are encoded once
+(relaymilter.harness.codec) and every answer is compared byte for byte with the expected
+packet: half the clients are in relayers.db (all recipients continue), half are not
+(remote recipients get 550 5.7.1 Relaying denied, local ones continue); the minimal
+milter must continue on all. One session of each kind first goes through the harness's
+MilterSession, an independent check of those expectations. One milter is loaded at a
+time, in alternating rounds (A B B A), so that load from other processes hits both
+alike. Reading the figures: sessions/s and RCPT/s are completed work over the window;
+p50/p99 RCPT is the time from sending SMFIC_RCPT to having its whole reply, as the
+generator sees it (so it includes the generator's own delay). CPU columns are user+sys
+seconds over the window and, in brackets, average cores busy: the milter's process tree
 (/proc/PID/stat), the generator processes (getrusage), and the rest of the machine
 (/proc/stat), i.e. other people's work; "per session" is milter CPU / sessions, the
 figure least disturbed by others. A note is printed when the generator was near its
-limit or the whole machine was CPU-bound; then the rate is the machine's, and the
-ratio compares the milters under equal starvation. Targets (from the issue) at 8
-concurrent sessions: relaymilter >= 0.9x the minimal milter's sessions/s, p99 RCPT
-<= 1 ms. Exit 1 if any answer was wrong or missing (the first ones are printed, the
-milter logs kept); missed targets are reported, exit 0. Takes about 2.5 x --seconds.
+limit or the whole machine was CPU-bound; then the rate is the machine's, and the ratio
+compares the milters under equal starvation. Targets (from the issue) at 8 concurrent
+sessions: relaymilter >= 0.9x the minimal milter's sessions/s, p99 RCPT <= 1 ms. Exit 1
+if any answer was wrong or missing (the first ones are printed, the milter logs kept);
+missed targets are reported, exit 0. Takes about 2.5 x --seconds (3.5 x with
+--quiet-variant, which adds relaymilter with its decision log off).
 """
 
 from __future__ import annotations
