@@ -64,7 +64,7 @@ mkdir -p "$stage"
 
 # --- the virtualenv -----------------------------------------------------------
 "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --no-compile --no-warn-script-location "$top[redis]"
+"$venv/bin/python" -m pip install -q --no-compile --no-warn-script-location --use-pep517 "$top[redis]"
 "$venv/bin/python" -m pip uninstall -q -y pip setuptools
 rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
