@@ -117,7 +117,9 @@ install -m 0644 "$here/copyright" "$stage/usr/share/doc/relaymilter/copyright"
 gzip -9n -c "$top/README.rst" > "$stage/usr/share/doc/relaymilter/README.rst.gz"
 for page in "$top"/packaging/man/*.[158]; do
     section="${page##*.}"
-    gzip -9n -c "$page" > "$stage/usr/share/man/man$section/$(basename "$page").gz"
+    # The page footer names the version being packaged.
+    sed '1s/"relaymilter [^"]*"/"relaymilter '"$version"'"/' "$page" | gzip -9n \
+        > "$stage/usr/share/man/man$section/$(basename "$page").gz"
 done
 
 # --- control files ------------------------------------------------------------
