@@ -250,7 +250,7 @@ def _choice(m: Mapping, key: str, default: str, allowed: tuple[str, ...]) -> str
 def _check_redis_url(rel: Mapping, url: str) -> None:
     """A bad Redis URL or option stops start-up here, not at the first relay attempt."""
     try:
-        from relaymilter.store.redis import parse_store_url  # needs redis-py: only for a url
+        from relaymilter.store.redisurl import parse_store_url  # needs redis-py: only for a url
     except ImportError:
         raise rel.err("url", "a Redis URL needs the redis Python package (pip install 'relaymilter[redis]')") from None
     try:

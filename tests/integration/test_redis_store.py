@@ -95,6 +95,16 @@ def test_ttl_from_grace_and_future_timestamps(server, store):
         store.add({"192.0.2.5": now}, ttl=0)
 
 
+def test_a_large_add_with_ttl_spans_batches(server, store):
+    now = int(time.time())
+    entries = {"10.9.%d.%d" % (i >> 8, i & 255): now for i in range(BATCH * 2 + 7)}
+    store.add(entries, ttl=300)
+    assert dict(store.entries()) == entries
+    with server.client() as c:
+        for ip in ("10.9.0.0", "10.9.3.232", "10.9.7.214"):        # first, middle, last batch
+            assert 290 <= c.ttl("relaymilter:relay:" + ip) <= 300, ip
+
+
 def test_key_is_gone_after_its_ttl(server, store):
     store.add({"192.0.2.1": int(time.time())}, ttl=1)
     assert store.lookup("192.0.2.1") is not None

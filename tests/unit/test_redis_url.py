@@ -1,4 +1,4 @@
-"""Redis store URLs: the forms, the options, masking, and the configuration's FILE:LINE errors.
+"""Redis store URLs (relaymilter.store.redisurl): the forms, the options, masking, and the configuration's FILE:LINE errors.
 
 Parsing only: nothing here connects to a server (the integration tests in
 tests/integration/test_redis_*.py do).
@@ -10,7 +10,8 @@ import pytest
 
 from relaymilter.config import load_config
 from relaymilter.errors import ConfigError
-from relaymilter.store.redis import DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisRelayStore, mask_url, parse_store_url
+from relaymilter.store.redis import RedisRelayStore
+from relaymilter.store.redisurl import DEFAULT_PREFIX, DEFAULT_TIMEOUT, mask_url, parse_store_url
 from relaymilter.store.relayers import open_relay_store
 
 
@@ -70,6 +71,7 @@ def test_sentinel_url():
     ("redis+sentinel://h1/svc/1/extra", "needs /SERVICE"),
     ("redis+sentinel://h1:99999/svc", "bad sentinel"),
     ("redis+sentinel:///svc", "at least one sentinel"),
+    ("redis+sentinel://h1/svc/first", "must be a number"),
 ])
 def test_malformed_urls_are_refused(url, message):
     with pytest.raises(ValueError) as info:

@@ -14,25 +14,20 @@ DESCRIPTION
     relayers.db value. A writer that gives a ttl (the log watcher's grace)
     sets it as the key's expiry, so Redis drops stale entries by itself even
     when no watcher is left running; a timestamp in the future extends the
-    expiry to that time plus the ttl. Listing and expiring walk the keys with
+    expiry to that time plus the ttl. Writes go through a small Lua script,
+    BATCH keys per atomic call, pipelined. Listing and expiring walk the keys with
     SCAN (never KEYS, which blocks the server) and read values with MGET in
     batches; conditional deletes run as one small Lua script, so an entry
     re-written meanwhile by another host is never removed.
 
-    URLs (query options as in redis-py's from_url, plus ``prefix``)::
-
-        redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]
-        rediss://...                       TLS (ssl_ca_certs=, ssl_cert_reqs=, ...)
-        unix://[[USER]:PASSWORD@]/PATH/redis.sock[?db=DB&OPTIONS]
-        redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?OPTIONS]
-
-    ``prefix`` (default ``relaymilter:relay:``) lets several maps share one
-    database. ``socket_timeout`` and ``socket_connect_timeout`` default to
-    0.25 s: the milter asks once per relay attempt and a slow or dead Redis
-    must cost a quarter second, not a client's SMTP timeout. With Sentinel,
-    the credentials in the URL are the data servers'; ``sentinel_password``
-    and ``sentinel_username`` are the sentinels' own, if they need any; the
-    sentinel port defaults to 26379.
+    Where the map is and how to reach it is one URL (redis://, rediss://,
+    unix://, redis+sentinel://; see relaymilter.store.redisurl), with
+    ``prefix`` (default ``relaymilter:relay:``) letting several maps share a
+    database. Sockets time out after 0.25 s unless the URL says otherwise: the
+    milter asks once per relay attempt, and a slow or dead Redis must cost a
+    quarter second, not a client's SMTP timeout. The milter's GETs use
+    connections of their own, outside redis-py's pool (see
+    _LookupConnections): a lookup costs little more than the round trip.
 
     Failover: every new connection asks the sentinels where the primary is,
     and a connection error (including a primary demoted to a replica, which
@@ -48,39 +43,33 @@ DIAGNOSTICS
     an IP, before anything is sent. Every Redis error - refused, timed out,
     authentication, READONLY, WRONGTYPE - raises StoreUnavailable naming the
     server (password masked), so the milter answers relay attempts 451 4.3.0
-    and never relays on a guess. The connection pool reconnects by itself on
-    the next call once the server is back.
+    and never relays on a guess. Connections are made again on the next call
+    once the server is back; nothing needs restarting.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
+import os
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, cast
 
 import redis
 from redis import exceptions as rexc
 from redis.backoff import NoBackoff
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS, ConnectionPool, parse_url
+from redis.connection import ConnectionPool
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.ipaddr import normalize_ip, sort_key
+from relaymilter.store.redisurl import DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisSpec, mask_url, parse_store_url
 from relaymilter.store.relayers import parse_ticks
 
 log = logging.getLogger("relaymilter.store")
 
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
-DEFAULT_PREFIX = "relaymilter:relay:"
-DEFAULT_TIMEOUT = 0.25       # seconds, per socket operation
-SENTINEL_PORT = 26379
 BATCH = 1000                 # keys per SCAN step, MGET and conditional delete
-OUR_OPTIONS = ("prefix", "sentinel_password", "sentinel_username")
 
 T = TypeVar("T")
 
@@ -101,128 +90,22 @@ end
 return gone
 """
 
+# SET each KEYS[i] to ARGV[2i-1], with EX ARGV[2i] when that is > 0: one command for a
+# whole batch (a pipeline of single SETs costs far more in the client than in Redis).
+SET_MANY = """
+for i, key in ipairs(KEYS) do
+  local ex = tonumber(ARGV[2 * i])
+  if ex > 0 then
+    redis.call('SET', key, ARGV[2 * i - 1], 'EX', ex)
+  else
+    redis.call('SET', key, ARGV[2 * i - 1])
+  end
+end
+return #KEYS
+"""
 
-@dataclass(frozen=True)
-class RedisSpec:
-    """A parsed store URL: where Redis is and how to talk to it."""
-
-    url: str
-    display: str                                    # the URL with passwords masked
-    prefix: str
-    connection: dict = field(default_factory=dict)  # redis-py connection/pool keyword arguments
-    sentinels: tuple[tuple[str, int], ...] = ()
-    service: Optional[str] = None
-    sentinel_auth: dict = field(default_factory=dict)
-
-    @property
-    def db(self) -> int:
-        return int(self.connection.get("db", 0))
-
-
-def mask_url(url: str) -> str:
-    """*url* with the password in its user part and any *password* option replaced by ***."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, hosts = netloc.rsplit("@", 1)
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        elif user:
-            user = "***"      # redis://SECRET@host: a bare password in some clients' eyes
-        netloc = "%s@%s" % (user, hosts)
-    query = "&".join("%s=***" % k if "password" in k else "%s=%s" % (k, quote(v, safe=":/,"))
-                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return "%s://%s%s%s" % (parts.scheme, netloc, parts.path, "?" + query if query else "")
-
-
-def _accepted_options(connection_class: type) -> set[str]:
-    """Options a URL may carry for this connection class (never redis-py's internals)."""
-    names = {n for n in URL_QUERY_ARGUMENT_PARSERS if not n.startswith("ssl_")}
-    names -= {"timeout", "retry_on_error", "retry_on_timeout"}     # pool-wait and retry are ours
-    names |= {"host", "port", "db", "path", "username", "password", "client_name"}
-    for klass in connection_class.__mro__:
-        if klass.__module__.startswith("redis.") and "__init__" in vars(klass):
-            names.update(p for p in inspect.signature(klass.__init__).parameters if p.startswith("ssl_"))
-    return names
-
-
-def _parse_hosts(text: str) -> tuple[tuple[str, int], ...]:
-    hosts = []
-    for item in text.split(","):
-        item = item.strip()
-        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", item)
-        if not m:
-            raise ValueError("bad sentinel address %r (want HOST[:PORT] or [IPv6][:PORT])" % item)
-        host = m.group(1) or m.group(3)
-        port = int(m.group(2) or m.group(4) or SENTINEL_PORT)
-        if not 0 < port < 65536:
-            raise ValueError("bad sentinel port in %r" % item)
-        hosts.append((host, port))
-    return tuple(hosts)
-
-
-def parse_store_url(url: str) -> RedisSpec:
-    """Parse a redis://, rediss://, unix:// or redis+sentinel:// store URL; ValueError if malformed."""
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        raise ValueError("want a redis://, rediss://, unix:// or redis+sentinel:// URL, got %r" % mask_url(url))
-    if parts.fragment:
-        raise ValueError("a Redis URL has no #fragment")
-    ours: dict[str, str] = {}
-    rest: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if key in seen:
-            raise ValueError("option %r given twice" % key)
-        seen.add(key)
-        if key in OUR_OPTIONS:
-            ours[key] = value
-        else:
-            rest.append((key, value))
-    prefix = ours.get("prefix", DEFAULT_PREFIX)
-    if not prefix or not prefix.isascii() or any(c.isspace() for c in prefix):
-        raise ValueError("prefix must be non-empty ASCII without white space, got %r" % prefix)
-
-    sentinels: tuple[tuple[str, int], ...] = ()
-    service: Optional[str] = None
-    if parts.scheme == "redis+sentinel":
-        userinfo, _, hostlist = parts.netloc.rpartition("@")
-        if not hostlist:
-            raise ValueError("redis+sentinel:// needs at least one sentinel HOST[:PORT]")
-        sentinels = _parse_hosts(hostlist)
-        path = [p for p in parts.path.split("/") if p]
-        if not path or len(path) > 2:
-            raise ValueError("redis+sentinel:// needs /SERVICE or /SERVICE/DB after the sentinels")
-        service = path[0]
-        db = path[1] if len(path) == 2 else "0"
-        base = "redis://%slocalhost/%s" % (userinfo + "@" if userinfo else "", db)
-    else:
-        if parts.scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
-            raise ValueError("the database after the host must be a number, got %r" % parts.path)
-        if parts.scheme == "unix" and not parts.path:
-            raise ValueError("unix:// needs the socket path, e.g. unix:///run/redis/redis.sock")
-        base = "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
-        if parts.scheme != "unix" and not parts.hostname:
-            raise ValueError("the URL names no host")
-    try:
-        kwargs = parse_url(base + ("?" + urlencode(rest) if rest else ""))
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
-    if service is not None:
-        kwargs.pop("host", None)
-        kwargs.pop("port", None)
-    klass = kwargs.get("connection_class", redis.Connection)
-    unknown = sorted(set(kwargs) - _accepted_options(klass) - {"connection_class"})
-    if unknown:
-        raise ValueError("unknown option%s %s" % ("s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown))))
-    for name in ("socket_timeout", "socket_connect_timeout"):
-        if name in kwargs and not kwargs[name] > 0:
-            raise ValueError("%s must be a positive number of seconds" % name)
-    kwargs.setdefault("socket_timeout", DEFAULT_TIMEOUT)
-    kwargs.setdefault("socket_connect_timeout", kwargs["socket_timeout"])
-    auth = {k.split("_", 1)[1]: ours[k] for k in ("sentinel_password", "sentinel_username") if k in ours}
-    return RedisSpec(url=url, display=mask_url(url), prefix=prefix, connection=kwargs,
-                     sentinels=sentinels, service=service, sentinel_auth=auth)
+__all__ = ["BATCH", "DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisRelayStore", "RedisSpec", "mask_url",
+           "parse_store_url"]
 
 
 def _no_retry() -> Retry:
@@ -233,6 +116,54 @@ def _no_retry() -> Retry:
 def _match_pattern(prefix: str) -> str:
     """A SCAN MATCH pattern for every key under *prefix* (glob characters in it escaped)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+
+
+class _LookupConnections:
+    """Connections for the milter's GETs, kept outside redis-py's pool.
+
+    redis-py's full command path (pool lock, retry wrappers, metrics) costs
+    several times the loopback round trip; the milter asks once per relay
+    attempt, so its lookups send GET on a connection of their own. The idle
+    list is a plain list: pop() and append() are atomic, and each connection
+    is used by one thread at a time.
+    """
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._idle: list = []
+        self._pid = os.getpid()
+
+    def get(self, key: bytes) -> Optional[bytes]:
+        if self._pid != os.getpid():
+            # Forked (relaymilter's supervisor forks the libmilter child): the inherited sockets
+            # are the parent's; redis-py never shuts down a socket from another process.
+            self._idle, self._pid = [], os.getpid()
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._pool.make_connection()
+        else:
+            # An idle connection with something to read is one the server closed (restart, failover).
+            try:
+                if conn.is_connected and conn.can_read():
+                    conn.disconnect()
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError):
+                conn.disconnect()
+        try:
+            if not conn.is_connected:
+                conn.connect()      # a Sentinel-managed connection asks the sentinels here, not in send
+            conn.send_command("GET", key)
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()       # reconnects (and asks the sentinels again) on its next use
+            raise
+        finally:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.disconnect()
 
 
 class RedisRelayStore:
@@ -262,7 +193,9 @@ class RedisRelayStore:
         else:
             self._pool = ConnectionPool(**kwargs)
             self.client = redis.Redis(connection_pool=self._pool)
+        self._lookups = _LookupConnections(self.client.connection_pool)
         self._delete_script = self.client.register_script(DELETE_IF_TICKS)
+        self._set_script = self.client.register_script(SET_MANY)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -299,10 +232,14 @@ class RedisRelayStore:
         if batch:
             yield batch
 
+    @staticmethod
+    def _mget(client: redis.Redis, keys: list[bytes]) -> list[Optional[bytes]]:
+        return cast("list[Optional[bytes]]", client.mget(keys))     # bytes: no decode_responses
+
     def _snapshot(self, client: redis.Redis) -> dict[bytes, bytes]:
         found: dict[bytes, bytes] = {}
         for batch in self._scan_batches(client):
-            for key, value in zip(batch, client.mget(batch)):
+            for key, value in zip(batch, self._mget(client, batch)):
                 if value is not None:          # expired between SCAN and MGET
                     found[key] = value
         return found
@@ -320,13 +257,14 @@ class RedisRelayStore:
     def lookup(self, ip: str) -> Optional[int]:
         key = self._key(ip)
         try:
-            raw = self._run("read", lambda c: c.get(key))
+            raw = self._run("read", lambda c: self._lookups.get(key))
         except StoreUnavailable as exc:
             if self._replica is None:
                 raise
             # No primary right now (failover under way): a replica's copy is good enough to relay on.
             try:
-                raw = self._run("read from a replica", lambda c: c.get(key), self._replica)
+                raw = self._run("read from a replica", lambda c: cast(Optional[bytes], c.get(key)),
+                                self._replica)
             except StoreUnavailable:
                 raise exc from None
             if not self._degraded:
@@ -347,12 +285,20 @@ class RedisRelayStore:
 
         def write(client: redis.Redis) -> None:
             now = int(time.time())
-            pipe = client.pipeline(transaction=True)
-            for key, ts in items:
-                if ttl is None:
-                    pipe.set(key, b"%d" % ts)          # no expiry: stays until expired by command
-                else:
-                    pipe.set(key, b"%d" % ts, ex=max(int(ttl), ts + int(ttl) - now))
+            args: list[int] = []
+            for _, ts in items:
+                # no ttl: no expiry (SET drops an earlier one), the entry stays until expired by command
+                args += [ts, 0 if ttl is None else max(int(ttl), ts + int(ttl) - now)]
+            keys = [key for key, _ in items]
+            if len(keys) <= BATCH:
+                self._set_script(keys=keys, args=args, client=client)
+                return
+            # Batches are atomic each, not together: one MULTI of 100,000 SETs would hold the server
+            # (and outlast the socket timeout) for as long as it takes, and no reader needs more.
+            pipe = client.pipeline(transaction=False)
+            for start in range(0, len(keys), BATCH):
+                self._set_script(keys=keys[start:start + BATCH], args=args[2 * start:2 * (start + BATCH)],
+                                 client=pipe)
             pipe.execute()
 
         self._run("write", write)
@@ -384,7 +330,7 @@ class RedisRelayStore:
         def sweep(client: redis.Redis) -> None:
             for batch in self._scan_batches(client):
                 doomed = {}
-                for key, value in zip(batch, client.mget(batch)):
+                for key, value in zip(batch, self._mget(client, batch)):
                     if value is not None:
                         ticks = parse_ticks(value)
                         if ticks <= before:
@@ -401,6 +347,7 @@ class RedisRelayStore:
         return sorted(pairs, key=lambda kv: sort_key(kv[0]))
 
     def close(self) -> None:
+        self._lookups.close()
         for client in (self.client, self._replica):
             if client is not None:
                 client.connection_pool.disconnect()
