@@ -38,6 +38,7 @@ import Milter
 
 from relaymilter import replies
 from relaymilter.config import Config
+from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
@@ -81,11 +82,12 @@ class Runtime:
 
 
 class RuntimeHolder:
-    """The Runtime new connections use; swapped whole on reload."""
+    """The Runtime new connections use (swapped whole on reload), and the decision log."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, decisions: Optional[DecisionLog] = None) -> None:
         self._runtime = runtime
         self._lock = threading.Lock()
+        self.decisions = decisions if decisions is not None else DecisionLog(logging_sink(log))
 
     @property
     def current(self) -> Runtime:
@@ -126,6 +128,7 @@ class RelayMilter(Milter.Base):
 
     def __init__(self, holder: RuntimeHolder) -> None:
         self.rt = holder.current
+        self.decide_log = holder.decisions.log
         self.conn_id = "%06X" % next(_ids)
         self.client = Client(None)
         self.client_text = "unknown"
@@ -160,32 +163,31 @@ class RelayMilter(Milter.Base):
         self.sender = _brackets(mailfrom)
         auth = self.getsymval("{auth_authen}")
         self.client = Client(self.client.addr, auth or None)
-        decision = check_mail(self.sender, self.rt.spammers.contains)
-        self._log("MAIL", decision, "from=%s" % self.sender + (" sasl_username=%s" % auth if auth else ""))
+        decision = check_mail(self.sender, self.rt.spammers.snapshot())
+        self._log("MAIL", decision, self.sender, None, "sasl_username=%s " % auth if auth else "")
         return self._answer(decision)
 
     @fail_closed
     def envrcpt(self, to: str, *esmtp: str) -> int:
         rcpt = _brackets(to)
         verdict = evaluate_rcpt(self.rt.policy, self.client, rcpt, self.rt.relayers.lookup, time.time())
-        resolved = verdict.resolved
-        detail = "from=%s to=%s" % (self.sender, rcpt)
-        if resolved is not None:
-            detail += " resolved=%s" % (resolved.local_part if resolved.domain is None else "%s@%s" % (resolved.local_part, resolved.domain))
+        extra = "resolved=%s " % verdict.resolved if verdict.resolved is not None else ""
         if verdict.error:
-            detail += " error=%r" % verdict.error
-        self._log("RCPT", verdict.decision, detail, rcpt)
+            extra += "error=%r " % verdict.error
+        self._log("RCPT", verdict.decision, self.sender, rcpt, extra)
         return self._answer(verdict.decision)
 
-    def _log(self, stage: str, decision: Decision, detail: str, addr: str = "") -> None:
+    def _log(self, stage: str, decision: Decision, sender: str, rcpt: Optional[str], extra: str) -> None:
+        # Formatting happens in the decision log's writer thread, not here.
+        to = "to=%s " % rcpt if rcpt is not None else ""
         if isinstance(decision, Continue):
-            log.info("%s: pass: %s from %s: %s rule=%s", self.conn_id, stage, self.client_text, detail, decision.rule)
+            self.decide_log("%s: pass: %s from %s: from=%s %s%srule=%s", self.conn_id, stage, self.client_text,
+                            sender, to, extra, decision.rule)
             return
-        verdict = "reject" if isinstance(decision, Reject) else "tempfail"
-        target = addr or self.sender
         reply = decision.reply
-        log.info("%s: %s: %s from %s: %s %s %s: %s; %s rule=%s", self.conn_id, verdict, stage, self.client_text,
-                 reply.code, reply.xcode, target, reply.text, detail, decision.rule)
+        self.decide_log("%s: %s: %s from %s: %s %s %s: %s; from=%s %s%srule=%s", self.conn_id,
+                        "reject" if isinstance(decision, Reject) else "tempfail", stage, self.client_text,
+                        reply.code, reply.xcode, rcpt or sender, reply.text, sender, to, extra, decision.rule)
 
 
 def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> None:

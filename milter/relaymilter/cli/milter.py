@@ -34,11 +34,14 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from relaymilter import __version__
 from relaymilter.config import SOCKET_RE, Config, load_config
 from relaymilter.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relaymilter.decisionlog import DecisionLog
 
 PROG = "relaymilter"
 STOP_WAIT = 30.0   # seconds the supervisor waits for the milter after SIGTERM
@@ -74,6 +77,20 @@ def setup_logging(config: Config, target: Optional[str], debug: bool) -> None:
     root.propagate = False
 
 
+def decision_log(config: Config, opts: argparse.Namespace) -> "DecisionLog":
+    """Where the one-line-per-decision log goes (see relaymilter.decisionlog)."""
+    from relaymilter.decisionlog import DecisionLog, stream_sink, syslog_sink
+
+    if not logging.getLogger("relaymilter").isEnabledFor(logging.INFO):
+        return DecisionLog(None)
+    if (opts.log or config.log) == "syslog":
+        try:
+            return DecisionLog(syslog_sink())
+        except OSError as exc:
+            log.error("cannot reach syslog at /dev/log (%s); decisions go to stderr", exc)
+    return DecisionLog(stream_sink(sys.stderr.fileno()))
+
+
 def describe(config: Config) -> str:
     r = config.relayers
     return "%s: %d local names, %d relay domains, %d trusted networks, relayers %s%s, spammers %s" % (
@@ -85,7 +102,7 @@ def _child(config: Config, opts: argparse.Namespace, socket_spec: str, control: 
     """The libmilter process: serve until stopped; reload on a message from the supervisor."""
     from relaymilter import adapter  # imports pymilter; only the child needs it
 
-    holder = adapter.RuntimeHolder(adapter.Runtime(config))
+    holder = adapter.RuntimeHolder(adapter.Runtime(config), decision_log(config, opts))
 
     def reload() -> None:
         try:
@@ -118,6 +135,7 @@ def _child(config: Config, opts: argparse.Namespace, socket_spec: str, control: 
         log.error("cannot serve on %s: %s", socket_spec, exc)
         return 1
     log.info("stopped")
+    holder.decisions.close()
     return 0
 
 

@@ -36,6 +36,7 @@ Stdlib only: part of the pure policy core.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -292,10 +293,30 @@ def resolve(
     routing characters left in its local part are unwrapped.  With
     *percent_hack* / *bang_paths* off, ``%`` / ``!`` are plain characters.
     """
+    plain = _plain(address)
+    if plain is not None:
+        return plain
     text = clean_text(address)
     if not text:
         raise BadAddress("empty address")
     return _Resolver(is_local, percent_hack, bang_paths).run(text)
+
+
+# Nearly every real address is a plain dot-atom at a hostname: no routing
+# characters, quotes, comments, literals or blanks. Those resolve to
+# themselves, so the milter answers them without tokenizing (the full
+# resolver costs tens of microseconds; a test proves both agree).
+_PLAIN_RE = re.compile(r"([A-Za-z0-9_+=-]+(?:\.[A-Za-z0-9_+=-]+)*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)\.?")
+
+
+def _plain(address: str) -> Resolved | None:
+    if not isinstance(address, str):
+        return None
+    inner = address[1:-1] if address[:1] == "<" and address[-1:] == ">" else address
+    m = _PLAIN_RE.fullmatch(inner)
+    if m is None or len(address) > MAX_ADDRESS_BYTES:
+        return None
+    return Resolved(m.group(1), m.group(2).lower())
 
 
 def is_null(address: str) -> bool:

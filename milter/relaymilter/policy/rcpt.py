@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
@@ -83,6 +83,15 @@ class Client:
 
     addr: str | None
     auth_authen: str | None = None
+    # Parsed once per connection, not once per recipient (the milter's hot path).
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(init=False, default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.addr:
+            try:
+                object.__setattr__(self, "ip", parse_ip(self.addr))
+            except ValueError:
+                pass
 
 
 @dataclass(frozen=True)
@@ -103,10 +112,7 @@ def _client_rule(
     """The rule that lets this client relay, or None; may raise StoreUnavailable."""
     if not client.addr:
         return "trusted_network"
-    try:
-        ip = parse_ip(client.addr)
-    except ValueError:
-        ip = None
+    ip = client.ip
     if ip is not None and any(ip in net for net in policy.trusted_networks):
         return "trusted_network"
     if client.auth_authen and policy.permit_authenticated:

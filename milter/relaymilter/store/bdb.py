@@ -52,6 +52,8 @@ log = logging.getLogger("relaymilter.store")
 LOCK_WAIT = 30.0            # seconds a writer or reader waits for a flock
 RACY_NS = 100_000_000       # file mtimes closer than this to "now" are not trusted
 CREATE_MODE = 0o644
+CACHE_MAX = 65536           # answers kept per file version by a MapReader
+_MISS = object()
 
 
 def _fail(path: str, what: str, exc: BaseException) -> StoreUnavailable:
@@ -258,6 +260,7 @@ class MapReader:
         self._handle: Optional[db.DB] = None
         self._sig: Optional[tuple] = None
         self._trusted = False
+        self._cache: Optional[tuple[tuple, dict]] = None
         self._missing_logged = False
 
     def close(self) -> None:
@@ -272,11 +275,31 @@ class MapReader:
             os.close(self._fd)
             self._fd = None
         self._sig = None
+        self._cache = None
 
     def get(self, key: bytes) -> Optional[bytes]:
         """The value for *key* (either NUL style), None when absent or the file is missing."""
+        # Fast path, no lock: answers read under LOCK_SH are kept per file
+        # signature, and only once the file's mtime is settled (see RACY_NS).
+        # Any write completed since then changes the signature, so a matching
+        # stat proves the cached answer is still the map's answer.
+        cache = self._cache
+        if cache is not None:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                st = None
+            if st is not None and cache[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+                hit = cache[1].get(key, _MISS)
+                if hit is not _MISS:
+                    return hit
         with self._mutex:
-            return self._get(key)
+            value = self._get(key)
+            if self._trusted and self._sig is not None:
+                if self._cache is None or self._cache[0] != self._sig or len(self._cache[1]) >= CACHE_MAX:
+                    self._cache = (self._sig, {})
+                self._cache[1][key] = value
+            return value
 
     def _get(self, key: bytes) -> Optional[bytes]:
         try:
@@ -301,8 +324,9 @@ class MapReader:
         flock_wait(self._fd, fcntl.LOCK_SH, self.path)
         try:
             st = os.fstat(self._fd)
-            sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if st.st_size == 0:
+                self._sig, self._trusted = None, False
                 return None
             if self._handle is None or sig != self._sig or not self._trusted:
                 if self._handle is not None:
