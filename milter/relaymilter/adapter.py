@@ -162,7 +162,7 @@ class RelayMilter(Milter.Base):
     def envfrom(self, mailfrom: str, *esmtp: str) -> int:
         self.sender = _brackets(mailfrom)
         auth = self.getsymval("{auth_authen}")
-        self.client = Client(self.client.addr, auth or None)
+        self.client = self.client.authenticated_as(auth or None)
         decision = check_mail(self.sender, self.rt.spammers.snapshot())
         self._log("MAIL", decision, self.sender, None, "sasl_username=%s " % auth if auth else "")
         return self._answer(decision)

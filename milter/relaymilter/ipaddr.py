@@ -38,6 +38,11 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parse one client address, unwrapping IPv4-mapped IPv6; ValueError if invalid."""
     if not isinstance(text, str):
         raise ValueError("invalid IP address: %r" % (text,))
+    try:
+        # C-fast for a plain dotted quad (glibc's inet_pton is strict: canonical only)
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):
+        pass
     raw = text.strip()
     if raw.startswith("[") and raw.endswith("]"):
         raw = raw[1:-1]

@@ -83,6 +83,9 @@ def sender_keys(sender: str) -> list[str]:
     return _address_keys(resolved)
 
 
+_SENDER_OK = Continue("sender_ok")
+
+
 def check_mail(sender: str, spam_lookup: Callable[[str], bool]) -> Decision:
     """Refuse a sender listed in the spammers map (see the module notes)."""
     if is_null(sender):
@@ -92,14 +95,14 @@ def check_mail(sender: str, spam_lookup: Callable[[str], bool]) -> Decision:
     except BadAddress:
         return Continue("sender_unparsed")
     if resolved.domain is None:
-        return Continue("sender_ok")
+        return _SENDER_OK
     try:
         for key in _address_keys(resolved):
             if spam_lookup(key):
                 return Reject(replies.ACCESS_DENIED, "spammers")
     except StoreUnavailable:
         return TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
-    return Continue("sender_ok")
+    return _SENDER_OK
 
 
 def _check_host(domain: str) -> str:

@@ -61,11 +61,14 @@ class RcptPolicy:
     relay_subdomains: bool = True
     percent_hack: bool = True
     bang_paths: bool = True
+    _masks: tuple[tuple[int, int, int], ...] | None = field(default=None, init=False, compare=False, repr=False)
 
     def is_local(self, domain: str) -> bool:
         return domain in self.local_domains
 
     def is_relay(self, domain: str) -> bool:
+        if not self.relay_domains:
+            return False
         if domain in self.relay_domains:
             return True
         if not self.relay_subdomains or domain.startswith("["):
@@ -75,6 +78,15 @@ class RcptPolicy:
     def is_ours(self, domain: str) -> bool:
         """Local or relay: routing left in such a local part is unwrapped."""
         return self.is_local(domain) or self.is_relay(domain)
+
+    def is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether *ip* is inside a trusted network (integer compares: the milter's hot path)."""
+        masks = self._masks
+        if masks is None:
+            masks = tuple((n.version, int(n.network_address), int(n.netmask)) for n in self.trusted_networks)
+            object.__setattr__(self, "_masks", masks)
+        version, value = ip.version, int(ip)
+        return any(v == version and value & mask == net for v, net, mask in masks)
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,14 @@ class Client:
             except ValueError:
                 pass
 
+    def authenticated_as(self, auth_authen: str | None) -> "Client":
+        """The same client after SMTP AUTH (its parsed address is reused)."""
+        other = object.__new__(Client)
+        object.__setattr__(other, "addr", self.addr)
+        object.__setattr__(other, "auth_authen", auth_authen)
+        object.__setattr__(other, "ip", self.ip)
+        return other
+
 
 @dataclass(frozen=True)
 class RcptVerdict:
@@ -101,6 +121,13 @@ class RcptVerdict:
     decision: Decision
     resolved: Resolved | None
     error: str | None = None
+
+
+# Decisions are immutable values: the common ones are made once.
+_LOCAL = Continue("local_domain")
+_RELAY = Continue("relay_domain")
+_DENIED = Reject(replies.RELAYING_DENIED, "default_reject")
+_CLIENT_RULES = {rule: Continue(rule) for rule in ("trusted_network", "authenticated", "relayers_db")}
 
 
 def _client_rule(
@@ -113,14 +140,15 @@ def _client_rule(
     if not client.addr:
         return "trusted_network"
     ip = client.ip
-    if ip is not None and any(ip in net for net in policy.trusted_networks):
+    if ip is not None and policy.is_trusted(ip):
         return "trusted_network"
     if client.auth_authen and policy.permit_authenticated:
         return "authenticated"
     if ip is None:
         # Not an address we can key relayers.db on: no one logged in from it.
         return None
-    stamp = relay_lookup(str(ip))
+    # addr is already canonical (ipaddr.normalize_ip): no need to print ip again.
+    stamp = relay_lookup(client.addr)
     if stamp is None:
         return None
     if policy.window is not None and stamp + policy.window * 60 < now:
@@ -144,18 +172,18 @@ def evaluate_rcpt(
         resolved, error = None, str(exc)
     if resolved is not None:
         if resolved.domain is None or policy.is_local(resolved.domain):
-            return RcptVerdict(Continue("local_domain"), resolved)
+            return RcptVerdict(_LOCAL, resolved)
         if policy.is_relay(resolved.domain):
-            return RcptVerdict(Continue("relay_domain"), resolved)
+            return RcptVerdict(_RELAY, resolved)
     try:
         rule = _client_rule(policy, client, relay_lookup, now)
     except StoreUnavailable:
         return RcptVerdict(TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable"), resolved, error)
     if rule is not None:
-        return RcptVerdict(Continue(rule), resolved, error)
+        return RcptVerdict(_CLIENT_RULES[rule], resolved, error)
     if resolved is None:
         return RcptVerdict(Reject(replies.MALFORMED_ADDRESS, "malformed_address"), None, error)
-    return RcptVerdict(Reject(replies.RELAYING_DENIED, "default_reject"), resolved)
+    return RcptVerdict(_DENIED, resolved)
 
 
 def check_rcpt(
