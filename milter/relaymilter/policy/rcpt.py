@@ -97,13 +97,16 @@ class Client:
     auth_authen: str | None = None
     # Parsed once per connection, not once per recipient (the milter's hot path).
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(init=False, default=None, compare=False, repr=False)
+    key: str = field(init=False, default="", compare=False, repr=False)   # canonical relayers.db key
 
     def __post_init__(self) -> None:
         if self.addr:
             try:
-                object.__setattr__(self, "ip", parse_ip(self.addr))
+                ip = parse_ip(self.addr)
             except ValueError:
-                pass
+                return
+            object.__setattr__(self, "ip", ip)
+            object.__setattr__(self, "key", self.addr if ip.version == 4 and self.addr == str(ip) else str(ip))
 
     def authenticated_as(self, auth_authen: str | None) -> "Client":
         """The same client after SMTP AUTH (its parsed address is reused)."""
@@ -111,6 +114,7 @@ class Client:
         object.__setattr__(other, "addr", self.addr)
         object.__setattr__(other, "auth_authen", auth_authen)
         object.__setattr__(other, "ip", self.ip)
+        object.__setattr__(other, "key", self.key)
         return other
 
 
@@ -147,8 +151,7 @@ def _client_rule(
     if ip is None:
         # Not an address we can key relayers.db on: no one logged in from it.
         return None
-    # addr is already canonical (ipaddr.normalize_ip): no need to print ip again.
-    stamp = relay_lookup(client.addr)
+    stamp = relay_lookup(client.key)
     if stamp is None:
         return None
     if policy.window is not None and stamp + policy.window * 60 < now:
