@@ -51,7 +51,8 @@ TOP_KEYS = (
 )
 RELAYERS_KEYS = ("path", "url", "window")
 SPAMMERS_KEYS = ("source", "path")
-POPWATCH_KEYS = ("logfiles", "patterns", "pattern_file", "grace", "skip_networks", "readback", "write", "flock")
+POPWATCH_KEYS = ("logfiles", "patterns", "pattern_file", "grace", "max_session", "skip_networks", "readback", "write",
+                 "flock")
 DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
 
 
@@ -79,6 +80,7 @@ class PopwatchConfig:
     patterns: Optional[tuple[str, ...]] = None     # None = every shipped pattern
     pattern_file: Optional[str] = None             # None = the bundled rules/logpatterns.yaml
     grace: int = 1800                              # seconds after the last login
+    max_session: int = 28800                       # seconds an open session (no logout seen) keeps its address
     skip_networks: Optional[tuple[Network, ...]] = None   # None = trusted_networks
     readback: bool = False
     write: bool = True
@@ -318,6 +320,7 @@ def load_config(path: Optional[str] = None) -> Config:
         patterns=tuple(patterns) if patterns is not None else None,
         pattern_file=pw.str("pattern_file", None, nullable=True),
         grace=pw.int("grace", PopwatchConfig.grace, minimum=1),
+        max_session=pw.int("max_session", PopwatchConfig.max_session, minimum=1),
         skip_networks=tuple(skip) if skip is not None else None,
         readback=pw.bool("readback", False),
         write=pw.bool("write", True),

@@ -10,7 +10,6 @@ does; after the grace period the entries are gone again.
 
 from __future__ import annotations
 
-import os
 import poplib
 import shutil
 import signal

@@ -43,6 +43,19 @@ def test_list_and_dumpconfig(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "write:         no" in out and "skip_networks: 127.0.0.0/8" in out
 
 
+def test_max_session_comes_from_the_config_and_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["-c", config(tmp_path), "--dumpconfig"]) == 0
+    assert "max_session:   28800" in capsys.readouterr().out
+    assert main(["-c", config(tmp_path, "  max_session: 7200\n"), "--dumpconfig"]) == 0
+    assert "max_session:   7200" in capsys.readouterr().out
+    assert main(["-c", config(tmp_path, "  max_session: 7200\n"), "--max-session", "60", "--dumpconfig"]) == 0
+    assert "max_session:   60" in capsys.readouterr().out
+    path = config(tmp_path, "  max_session: 0\n")
+    assert main(["-c", path, "--dumpconfig"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relaymilter-popwatch: error: %s:5: " % path) and "max_session" in err
+
+
 def test_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "pat.yaml"
     bad.write_text("patterns:\n  - name: x\n    server: y\n    regex: 'no ip group'\n", encoding="utf-8")

@@ -102,7 +102,7 @@ def test_line_timestamps(shipped: PatternSet) -> None:
 def test_binary_garbage_and_non_utf8_are_counted(shipped: PatternSet) -> None:
     m = Matcher(shipped)
     events = m.scan(
-        b"\x00\x01\xffLogin: user=<\x00\x00 rip=1.2.3.4\n"
+        b"\x00\x01\xffpop3-login: Login: user=<\x00\x00 rip=1.2.3.4\n"
         b"Nov 21 18:14:14 mail dovecot: pop3-login: Login: user=<j\xf6rg>, method=PLAIN, rip=192.0.2.5, "
         b"lip=192.0.2.2\n"
         b"\x00\x00\x00Nov 21 18:14:15 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=192.0.2.6, "

@@ -23,8 +23,8 @@ DESCRIPTION
     --noflock     accepted for compatibility only: the map is always locked
                   (flock), as sendmail and Postfix expect.
     --readback    (also --reprocess) at start, re-read the last grace seconds
-                  of the log by the lines' own timestamps: a restart loses no
-                  one.
+                  (grace + max_session with logout patterns) of the log by the
+                  lines' own timestamps: a restart loses no one.
     --test FILE   read FILE once and print each login it would record (time,
                   address, pattern) and a summary; writes nothing.
     --list        print the patterns in use; --dumpconfig the effective
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help="relaymilter YAML configuration")
     p.add_argument("--grace", type=int, metavar="SECONDS", help="keep an address this long after the last login")
     p.add_argument("--max-session", type=int, metavar="SECONDS", dest="max_session",
-                   help="longest a session without a logout line keeps its address (default %d)" % DEFAULT_MAX_SESSION)
+                   help="longest a session without a logout line keeps its address "
+                        "(default: popwatch.max_session, %d)" % DEFAULT_MAX_SESSION)
     p.add_argument("--logfile", "--watchlog", action="append", metavar="FILE", dest="logfiles",
                    help="log file to follow (repeatable; replaces popwatch.logfiles)")
     p.add_argument("--dbfile", metavar="FILE|URL", help="relayers map: a path or a redis:// URL")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", dest="debug", action="store_true", default=False, help="log debug details")
     p.add_argument("--nodebug", "--no-debug", dest="debug", action="store_false")
     p.add_argument("--readback", "--reprocess", dest="readback", action="store_true", default=None,
-                   help="at start, re-read the last grace seconds of the logs")
+                   help="at start, re-read the last grace (+ max_session) seconds of the logs")
     p.add_argument("--noreadback", dest="readback", action="store_false")
     p.add_argument("--test", metavar="LOGFILE", help="print what LOGFILE would record, write nothing")
     p.add_argument("--list", action="store_true", help="print the patterns in use and exit")
@@ -107,7 +108,7 @@ def resolve(opts: argparse.Namespace) -> tuple[Settings, PatternSet]:
     grace = pw.grace if opts.grace is None else opts.grace
     if grace < 1:
         raise ConfigError("--grace must be at least 1 second")
-    max_session = DEFAULT_MAX_SESSION if opts.max_session is None else opts.max_session
+    max_session = pw.max_session if opts.max_session is None else opts.max_session
     if max_session < 1:
         raise ConfigError("--max-session must be at least 1 second")
     skip = pw.skip_networks if pw.skip_networks is not None else cfg.trusted_networks

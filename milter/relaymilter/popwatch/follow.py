@@ -21,6 +21,9 @@ DESCRIPTION
     - A file removed and created again is picked up from its start.
     - Partial lines are buffered until their newline; lines longer than
       max_line are skipped and counted, the buffer never grows past it.
+    - One read() takes at most BURST_MAX bytes of a file; ``behind`` then
+      says that more is waiting (the watcher holds its writes a little
+      while it catches up, see service.py).
 
     Waking up: with inotify (Linux) the follower sleeps in select() on an
     inotify descriptor watching each file and its directory, so new lines are
@@ -180,6 +183,7 @@ class Follower:
         self.drain_idle = drain_idle
         self.inotify = Inotify.create() if use_inotify else None
         self.stats: Counter[str] = Counter()
+        self.behind = False          # the last read() stopped at BURST_MAX, not at a file's end
         self._closed_overlong = 0
 
     @property
@@ -229,6 +233,7 @@ class Follower:
         """Every complete line written since the last call, as one or more chunks per file."""
         out: list[Chunk] = []
         now = time.monotonic()
+        self.behind = False
         for t in self.files:
             for o in list(t.old):
                 if not self._read_open(t, o, out, now) and now - o.last_data > self.drain_idle:
@@ -310,6 +315,8 @@ class Follower:
                 out.append(Chunk(t.path, lines, backlog))
         if got:
             o.last_data = now
+        if got >= BURST_MAX:
+            self.behind = True
         return got > 0
 
     def _recover_copy(self, t: _Tracked, o: _Open, out: list[Chunk]) -> None:

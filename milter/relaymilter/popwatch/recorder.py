@@ -7,10 +7,16 @@ DESCRIPTION
 
     Writing: logins are collected and written by flush() in ONE store.add()
     (one locked read-modify-write) per burst of log lines, so a flood of
-    logins costs one write, and a single login is written as soon as the
-    watcher has read it. The stored value is the login time: the line's own
-    time when it is within LIVE_SKEW of the clock (syslog has whole seconds),
-    else the clock; for read-back lines, always the line's time.
+    logins costs one write, many logins of one address in a burst one entry,
+    and a single login is written as soon as the watcher has read it. The
+    stored value is the login time: the line's own time when it is within
+    LIVE_SKEW of the clock (syslog has whole seconds), else the clock; for
+    read-back lines, always the line's time.
+
+    Before writing, flush() reads what the map holds for the burst's
+    addresses (see below): by point lookups for a small burst, by one bulk
+    read of the map (store.entries()) when the burst is large next to the
+    map, which is several times cheaper than as many lookups.
 
     A timestamp is never moved backwards: an entry whose stored time is
     later than the login (``vsmtprelay add IP <future ticks>``, or another
@@ -26,7 +32,9 @@ DESCRIPTION
 
     Addresses are canonicalised with relaymilter.ipaddr (IPv4-mapped IPv6 as
     the dotted quad); invalid ones are counted and skipped, and addresses in
-    skip_networks (default: trusted_networks) are never recorded.
+    skip_networks (default: trusted_networks) are never recorded. The outcome
+    is cached per address text (a client logs in again and again), and the
+    expiry schedule is updated once per address per burst, not per login.
 
 DIAGNOSTICS
     StoreUnavailable from the store is logged; the writes are kept and
@@ -41,11 +49,12 @@ import heapq
 import ipaddress
 import itertools
 import logging
+import socket
 from collections import Counter
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 from relaymilter.errors import StoreUnavailable
-from relaymilter.ipaddr import parse_ip
+from relaymilter.ipaddr import normalize_ip
 from relaymilter.popwatch.matcher import Event
 from relaymilter.store.relayers import RelayStore
 
@@ -55,6 +64,9 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 LIVE_SKEW = 300.0
 RETRY = 2.0
 DEFAULT_MAX_SESSION = 8 * 3600
+CANON_MAX = 65536           # cached address texts (cleared when full)
+BULK_MIN = 256              # a burst of fewer addresses is checked by point lookups
+LOOKUP_COST = 4             # a point lookup costs about as much as bulk-reading this many entries
 
 
 class Tracker:
@@ -71,6 +83,8 @@ class Tracker:
         self._by_session: dict[tuple[str, str], str] = {}
         self._writes: dict[str, tuple[int, str]] = {}
         self._heap: list[tuple[float, str]] = []
+        self._dirty: set[str] = set()
+        self._map_size: Optional[int] = None            # entries in the map, as last seen (None: unknown)
         self._seq = itertools.count()
         self._retry_at = 0.0
         self.stats: Counter[str] = Counter()
@@ -79,6 +93,10 @@ class Tracker:
         self.grace = int(grace)
         self.max_session = int(max_session)
         self.skip_networks = tuple(skip_networks)
+        # IPv4 networks as (first address, netmask) integers: one AND per check.
+        self._skip_v4 = [(int(n.network_address), int(n.netmask)) for n in self.skip_networks if n.version == 4]
+        self._skip_v6 = [n for n in self.skip_networks if n.version == 6]
+        self._canon: dict[str, tuple[Optional[str], Optional[str]]] = {}
         heap = getattr(self, "_heap", None)
         if heap:
             for ip in list(self._last):
@@ -88,51 +106,119 @@ class Tracker:
 
     def canonical(self, raw: Optional[str]) -> Optional[str]:
         """The relayers.db key for *raw*, or None (counted) when invalid or local."""
-        try:
-            addr = parse_ip(raw or "")
-        except ValueError:
-            self.stats["invalid_ip"] += 1
+        key, problem = self._classify(raw or "")
+        if problem is None:
+            return key
+        self.stats[problem] += 1
+        if key is None:
             log.warning("not an IP address in a login line: %r (skipped)", (raw or "")[:60])
-            return None
-        if any(addr in net for net in self.skip_networks):
-            self.stats["skipped_local"] += 1
-            log.debug("%s is in a local network: not recorded", addr)
-            return None
-        return str(addr)
+        else:
+            log.debug("%s is in a local network: not recorded", key)
+        return None
+
+    def _classify(self, raw: str) -> tuple[Optional[str], Optional[str]]:
+        """(relayers.db key or None, None or the counter saying why it is not recorded); cached."""
+        try:
+            return self._canon[raw]
+        except KeyError:
+            pass
+        key: Optional[str] = None
+        if raw[:7].lower() == "::ffff:":
+            # IPv4-mapped, as Courier and dual-stack servers log IPv4 clients: its key is the
+            # dotted quad, and glibc's strict inet_pton accepts only a canonical one.
+            try:
+                socket.inet_pton(socket.AF_INET, raw[7:])
+                key = raw[7:]
+            except OSError:
+                pass
+        if key is None:
+            try:
+                key = normalize_ip(raw)
+            except ValueError:
+                key = None
+        if key is None:
+            out: tuple[Optional[str], Optional[str]] = (None, "invalid_ip")
+        elif self._is_local(key):
+            out = (key, "skipped_local")
+        else:
+            out = (key, None)
+        if len(self._canon) >= CANON_MAX:
+            self._canon.clear()
+        self._canon[raw] = out
+        return out
+
+    def _is_local(self, key: str) -> bool:
+        try:
+            packed = socket.inet_pton(socket.AF_INET, key)
+        except OSError:
+            return any(ipaddress.IPv6Address(key) in net for net in self._skip_v6) if self._skip_v6 else False
+        n = int.from_bytes(packed, "big")
+        for first, mask in self._skip_v4:
+            if n & mask == first:
+                return True
+        return False
 
     def handle(self, ev: Event, now: float, backlog: bool = False, since: Optional[float] = None) -> Optional[str]:
         """Record one event; for a login, the canonical address recorded (else None)."""
+        ts = self._when(ev, now, backlog, since)
+        if ts is None:
+            return None
+        if ev.kind == "login":
+            return self._login(ev, ts, log.isEnabledFor(logging.INFO))
+        self._logout(ev, ts)
+        return None
+
+    def handle_all(self, events: Iterable[Event], now: float, backlog: bool = False,
+                   since: Optional[float] = None) -> None:
+        """handle() each of *events* (what the watcher does with a block's events)."""
+        say = log.isEnabledFor(logging.INFO)
+        when, login, logout = self._when, self._login, self._logout
+        for ev in events:
+            ts = when(ev, now, backlog, since)
+            if ts is None:
+                continue
+            if ev.kind == "login":
+                login(ev, ts, say)
+            else:
+                logout(ev, ts)
+
+    def _when(self, ev: Event, now: float, backlog: bool, since: Optional[float]) -> Optional[float]:
+        """The time an event counts for; None (counted) when it is not to be recorded."""
         if backlog:
             ts = ev.ts
             if ts is None:
                 self.stats["undated"] += 1
                 return None
-        elif ev.ts is not None and abs(ev.ts - now) <= LIVE_SKEW:
-            ts = ev.ts
         else:
-            ts = now
+            ts = ev.ts
+            if ts is None or not -LIVE_SKEW <= ts - now <= LIVE_SKEW:
+                ts = now
         if since is not None and ts < since:
             self.stats["too_old"] += 1
             return None
-        if ev.kind == "login":
-            return self._login(ev, ts)
-        self._logout(ev, ts)
-        return None
+        return ts
 
-    def _login(self, ev: Event, ts: float) -> Optional[str]:
-        ip = self.canonical(ev.ip)
+    def _login(self, ev: Event, ts: float, say: bool) -> Optional[str]:
+        known = self._canon.get(ev.ip or "")
+        ip = known[0] if known is not None and known[1] is None else self.canonical(ev.ip)
         if ip is None:
             return None
         self.stats["logins"] += 1
-        self._last[ip] = max(self._last.get(ip, 0.0), ts)
+        last = self._last.get(ip)
+        if last is None or last < ts:
+            self._last[ip] = ts
         if ev.tracks_sessions:
             key: tuple = (ev.pattern, ev.session) if ev.session else (ev.pattern, None, next(self._seq))
             self._open.setdefault(ip, {})[key] = ts
             if ev.session:
                 self._by_session[(ev.pattern, ev.session)] = ip
-        self._queue(ip, int(ts), "login")
-        self._schedule(ip)
-        log.info("login from %s (%s%s)", ip, ev.pattern, ", user %s" % ev.user if ev.user else "")
+        stamp = int(ts)
+        prev = self._writes.get(ip)
+        if prev is None or prev[0] < stamp:
+            self._writes[ip] = (stamp, "login")
+        self._dirty.add(ip)
+        if say:
+            log.info("login from %s (%s%s%s)", ip, ev.pattern, ", user " if ev.user else "", ev.user or "")
         return ip
 
     def _logout(self, ev: Event, ts: float) -> None:
@@ -142,9 +228,8 @@ class Tracker:
             key = (ev.pattern, ev.session)
             ip = self._by_session.pop(key, None)
         if ip is None and ev.ip is not None:
-            try:
-                ip = str(parse_ip(ev.ip))
-            except ValueError:
+            ip = self._classify(ev.ip)[0]
+            if ip is None:
                 self.stats["invalid_ip"] += 1
                 return
         sessions = self._open.get(ip or "")
@@ -165,7 +250,7 @@ class Tracker:
         if ip not in self._open:
             # The stored time becomes the logout: the grace period counts from there.
             self._queue(ip, int(ts), "logout")
-        self._schedule(ip)
+        self._dirty.add(ip)
         log.debug("logout of %s (%s)", ip, ev.pattern)
 
     def _queue(self, ip: str, stamp: int, kind: str) -> None:
@@ -213,12 +298,14 @@ class Tracker:
                         self._ours.pop(ip, None)            # someone else's newer or future entry
                 elif kind == "logout" and (cur is None or cur != mine):
                     self._ours.pop(ip, None)                # deleted or changed by someone else
-                elif self._due(ip) <= now:
+                elif self._last.get(ip, 0.0) + self.grace <= now and self._due(ip) <= now:
                     self.stats["too_old"] += 1              # read back, but its grace is over already
                 else:
                     todo[ip] = stamp
             if todo:
                 self.store.add(todo, ttl=self.grace)
+                if self._map_size is not None:
+                    self._map_size += sum(1 for ip in todo if stored.get(ip) is None)
         except StoreUnavailable as exc:
             log.error("cannot write relayers map: %s (retrying in %gs)", exc, RETRY)
             for ip, (stamp, kind) in writes.items():
@@ -231,23 +318,41 @@ class Tracker:
         return sorted(todo.items())
 
     def _stored(self, ips: list[str]) -> dict[str, Optional[int]]:
-        # Point lookups, not a read of the whole map: cost follows the burst, not the map size.
+        """What the map holds for *ips*: point lookups, or one bulk read when that is cheaper."""
+        # A point lookup (stat, lock, get; a fresh handle when the file just changed) costs
+        # several times what one entry of a bulk read does: a few addresses are looked up, a
+        # burst that is large next to the map reads the map once.
         assert self.store is not None
+        size = self._map_size
+        if len(ips) >= BULK_MIN and (size is None or len(ips) * LOOKUP_COST >= size):
+            entries = self.store.entries()
+            self._map_size = len(entries)
+            held = dict(entries)
+            return {ip: held.get(ip) for ip in ips}
         return {ip: self.store.lookup(ip) for ip in ips}
 
     # -- expiry -------------------------------------------------------------
 
     def _due(self, ip: str) -> float:
         due = self._last.get(ip, 0.0) + self.grace
-        for opened in self._open.get(ip, {}).values():
-            due = max(due, opened + self.max_session)
+        sessions = self._open.get(ip)
+        if sessions:
+            due = max(due, max(sessions.values()) + self.max_session)
         return due
 
     def _schedule(self, ip: str) -> None:
         heapq.heappush(self._heap, (self._due(ip), ip))
 
+    def _settle(self) -> None:
+        # Addresses seen since the last call get one heap entry each, not one per login.
+        for ip in self._dirty:
+            if ip in self._last:
+                self._schedule(ip)
+        self._dirty.clear()
+
     def next_due(self) -> Optional[float]:
         """When expire() next has work (or a failed write should be retried); None when idle."""
+        self._settle()
         heap = self._heap
         while heap:
             due, ip = heap[0]
@@ -261,6 +366,7 @@ class Tracker:
 
     def expire(self, now: float) -> list[str]:
         """Remove the entries whose time is up (and still hold what we wrote); the removed addresses."""
+        self._settle()
         due: list[str] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -290,6 +396,8 @@ class Tracker:
             for ip in removed:
                 log.info("nowrite: would expire %s", ip)
         gone = set(removed)
+        if self._map_size is not None:
+            self._map_size = max(0, self._map_size - len(gone))
         for ip in due:
             if ip in self._open:
                 self.stats["abandoned_sessions"] += len(self._open[ip])

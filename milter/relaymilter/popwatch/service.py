@@ -12,6 +12,11 @@ DESCRIPTION
     milliseconds after its line is written, a flood costs one write per
     burst, and expiry happens on time even when the log is quiet.
 
+    Catching up (a flood, or --readback of a busy log): while the follower
+    says more is waiting, writes are held for up to HOLD_WRITES seconds and
+    made together, so an address seen in many bursts is written once per
+    hold instead of once per burst, and the map is synced far less often.
+
     Signals (when run() installs them, i.e. in the main thread): SIGHUP
     reloads the configuration and patterns (a bad new file is logged and the
     old settings kept) and reopens the logs; SIGTERM and SIGINT flush the
@@ -44,6 +49,7 @@ from relaymilter.store.relayers import RelayStore, open_relay_store
 log = logging.getLogger("relaymilter.popwatch")
 
 IDLE_WAKE = 1.0
+HOLD_WRITES = 0.5           # longest a write waits while the watcher catches up with a flood
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class Watcher:
         self._store_factory = store_factory
         self._use_inotify = use_inotify
         self._stop = threading.Event()
+        self.started = threading.Event()    # set once the logs are open and being followed
         self._hup = False
         self._rfd, self._wfd = os.pipe()
         for fd in (self._rfd, self._wfd):
@@ -89,6 +96,7 @@ class Watcher:
                                self.settings.skip_networks, self.settings.write)
         self.follower = Follower(self.settings.logfiles, use_inotify=use_inotify)
         self._cutoff: Optional[float] = None
+        self._flushed = 0.0         # monotonic time of the last flush
 
     def _open_store(self, settings: Settings) -> Optional[RelayStore]:
         return self._store_factory(settings.dbfile) if settings.write else None
@@ -135,6 +143,7 @@ class Watcher:
         old = self._install_signals() if install_signals else None
         try:
             self._start()
+            self.started.set()
             while not self._stop.is_set():
                 if self._hup:
                     self._hup = False
@@ -178,8 +187,7 @@ class Watcher:
 
     def _feed(self, block: bytes, now: float, backlog: bool) -> None:
         since = self._cutoff if backlog else None
-        for ev in self.matcher.scan(block, now):
-            self.tracker.handle(ev, now, backlog=backlog, since=since)
+        self.tracker.handle_all(self.matcher.scan(block, now), now, backlog, since)
 
     def _step(self, read: bool = True, final: bool = False) -> None:
         chunks = self.follower.read() if read else []
@@ -188,7 +196,9 @@ class Watcher:
             self._feed(c.data, now, c.backlog)
         if final:
             self.tracker.retry_now()
-        self.tracker.flush(time.time())
+        if final or not self.follower.behind or time.monotonic() - self._flushed >= HOLD_WRITES:
+            self.tracker.flush(time.time())
+            self._flushed = time.monotonic()
         self.tracker.expire(time.time())
         if chunks or final or self._stop.is_set():
             return

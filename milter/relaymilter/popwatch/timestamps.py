@@ -39,6 +39,9 @@ _BSD = re.compile(rb"([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d):(\d\d):(\d\d)")
 _ISO = re.compile(rb"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:[.,](\d{1,9}))?(Z|[+-]\d\d:?\d\d)?")
 _CTIME = re.compile(rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d):(\d\d):(\d\d) (\d{4})")
 _LEAD = re.compile(b"(" + b"|".join(r.pattern for r in (_BSD, _ISO, _CTIME)) + b") ")
+# The same alternatives without capturing groups: the matcher puts them in front
+# of a pattern's regex, whose own groups must keep their numbers.
+LEAD_TEXT = re.sub(rb"\((?!\?)", b"(?:", b"|".join(r.pattern for r in (_BSD, _ISO, _CTIME)))
 _CACHE_MAX = 4096
 
 
