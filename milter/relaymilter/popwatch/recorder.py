@@ -30,11 +30,10 @@ DESCRIPTION
     store.delete_if_unchanged({ip: the time we wrote}): an entry someone else
     changed since (vsmtprelay, another watcher) is never touched.
 
-    Addresses are canonicalised with relaymilter.ipaddr (IPv4-mapped IPv6 as
-    the dotted quad); invalid ones are counted and skipped, and addresses in
-    skip_networks (default: trusted_networks) are never recorded. The outcome
-    is cached per address text (a client logs in again and again), and the
-    expiry schedule is updated once per address per burst, not per login.
+    Addresses are canonicalised by addresses.ClientAddresses (cached per
+    address text); invalid ones are counted and skipped, and addresses in
+    skip_networks (default: trusted_networks) are never recorded. The expiry
+    schedule is updated once per address per burst, not per login.
 
 DIAGNOSTICS
     StoreUnavailable from the store is logged; the writes are kept and
@@ -46,25 +45,21 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import itertools
 import logging
-import socket
 from collections import Counter
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 from relaymilter.errors import StoreUnavailable
-from relaymilter.ipaddr import normalize_ip
+from relaymilter.popwatch.addresses import ClientAddresses, Network
 from relaymilter.popwatch.matcher import Event
 from relaymilter.store.relayers import RelayStore
 
 log = logging.getLogger("relaymilter.popwatch")
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 LIVE_SKEW = 300.0
 RETRY = 2.0
 DEFAULT_MAX_SESSION = 8 * 3600
-CANON_MAX = 65536           # cached address texts (cleared when full)
 BULK_MIN = 256              # a burst of fewer addresses is checked by point lookups
 LOOKUP_COST = 4             # a point lookup costs about as much as bulk-reading this many entries
 
@@ -93,10 +88,7 @@ class Tracker:
         self.grace = int(grace)
         self.max_session = int(max_session)
         self.skip_networks = tuple(skip_networks)
-        # IPv4 networks as (first address, netmask) integers: one AND per check.
-        self._skip_v4 = [(int(n.network_address), int(n.netmask)) for n in self.skip_networks if n.version == 4]
-        self._skip_v6 = [n for n in self.skip_networks if n.version == 6]
-        self._canon: dict[str, tuple[Optional[str], Optional[str]]] = {}
+        self._addresses = ClientAddresses(self.skip_networks)
         heap = getattr(self, "_heap", None)
         if heap:
             for ip in list(self._last):
@@ -106,7 +98,7 @@ class Tracker:
 
     def canonical(self, raw: Optional[str]) -> Optional[str]:
         """The relayers.db key for *raw*, or None (counted) when invalid or local."""
-        key, problem = self._classify(raw or "")
+        key, problem = self._addresses.classify(raw or "")
         if problem is None:
             return key
         self.stats[problem] += 1
@@ -115,48 +107,6 @@ class Tracker:
         else:
             log.debug("%s is in a local network: not recorded", key)
         return None
-
-    def _classify(self, raw: str) -> tuple[Optional[str], Optional[str]]:
-        """(relayers.db key or None, None or the counter saying why it is not recorded); cached."""
-        try:
-            return self._canon[raw]
-        except KeyError:
-            pass
-        key: Optional[str] = None
-        if raw[:7].lower() == "::ffff:":
-            # IPv4-mapped, as Courier and dual-stack servers log IPv4 clients: its key is the
-            # dotted quad, and glibc's strict inet_pton accepts only a canonical one.
-            try:
-                socket.inet_pton(socket.AF_INET, raw[7:])
-                key = raw[7:]
-            except OSError:
-                pass
-        if key is None:
-            try:
-                key = normalize_ip(raw)
-            except ValueError:
-                key = None
-        if key is None:
-            out: tuple[Optional[str], Optional[str]] = (None, "invalid_ip")
-        elif self._is_local(key):
-            out = (key, "skipped_local")
-        else:
-            out = (key, None)
-        if len(self._canon) >= CANON_MAX:
-            self._canon.clear()
-        self._canon[raw] = out
-        return out
-
-    def _is_local(self, key: str) -> bool:
-        try:
-            packed = socket.inet_pton(socket.AF_INET, key)
-        except OSError:
-            return any(ipaddress.IPv6Address(key) in net for net in self._skip_v6) if self._skip_v6 else False
-        n = int.from_bytes(packed, "big")
-        for first, mask in self._skip_v4:
-            if n & mask == first:
-                return True
-        return False
 
     def handle(self, ev: Event, now: float, backlog: bool = False, since: Optional[float] = None) -> Optional[str]:
         """Record one event; for a login, the canonical address recorded (else None)."""
@@ -173,10 +123,17 @@ class Tracker:
         """handle() each of *events* (what the watcher does with a block's events)."""
         say = log.isEnabledFor(logging.INFO)
         when, login, logout = self._when, self._login, self._logout
+        live = not backlog and since is None
         for ev in events:
-            ts = when(ev, now, backlog, since)
-            if ts is None:
-                continue
+            ts = ev.ts
+            if live:
+                # _when() for a live line, spelled out: the line's time unless the clock disagrees.
+                if ts is None or not -LIVE_SKEW <= ts - now <= LIVE_SKEW:
+                    ts = now
+            else:
+                ts = when(ev, now, backlog, since)
+                if ts is None:
+                    continue
             if ev.kind == "login":
                 login(ev, ts, say)
             else:
@@ -199,7 +156,7 @@ class Tracker:
         return ts
 
     def _login(self, ev: Event, ts: float, say: bool) -> Optional[str]:
-        known = self._canon.get(ev.ip or "")
+        known = self._addresses.cache.get(ev.ip or "")
         ip = known[0] if known is not None and known[1] is None else self.canonical(ev.ip)
         if ip is None:
             return None
@@ -228,7 +185,7 @@ class Tracker:
             key = (ev.pattern, ev.session)
             ip = self._by_session.pop(key, None)
         if ip is None and ev.ip is not None:
-            ip = self._classify(ev.ip)[0]
+            ip = self._addresses.classify(ev.ip)[0]
             if ip is None:
                 self.stats["invalid_ip"] += 1
                 return
