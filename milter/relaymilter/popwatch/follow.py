@@ -105,7 +105,8 @@ class LineBuffer:
                 self.discarding = True
                 self.overlong += 1
             return b""
-        block = self.partial + data[:last + 1] if self.partial else data[:last + 1]
+        # One copy of the lines, not two (a slice, then the concatenation).
+        block = b"".join((self.partial, memoryview(data)[:last + 1])) if self.partial else data[:last + 1]
         tail = data[last + 1:]
         self.partial = b""
         if len(tail) > self.max_line:
