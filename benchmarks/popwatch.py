@@ -20,6 +20,8 @@
                      (a sentinel address) is visible in relayers.db, looked up
                      the way the milter does. INFO logging is off (at INFO
                      the watcher also logs one line per login).
+   Each throughput figure is the best of RUNS runs (timeit's rule: on a
+   shared machine, the slower runs measure the other tenants).
    Target: >= 500,000 lines/s for the matcher and for the realistic full
    pipeline. The worst case's full pipeline writes 100,000 new keys to
    relayers.db (and reads the growing map before each write); its figure is
@@ -32,7 +34,7 @@
 The machine's load average is printed before and after: on a shared machine
 the figures are noisy, run it a few times.
 
-Run: python3 benchmarks/popwatch.py   (about 15-30 s; not part of the tests)
+Run: python3 benchmarks/popwatch.py   (about 20-40 s; not part of the tests)
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ LINES = 1_000_000
 CLIENTS = 5_000
 SPAN = 240                  # seconds of log time the lines cover (inside the watcher's LIVE_SKEW)
 LOGINS = 1000
+RUNS = 2                    # throughput figures are the best of this many runs (the machine may be shared)
 TARGET = 500_000
 SENTINEL = "192.0.2.254"
 
@@ -125,12 +128,15 @@ def make_log(path: str, clients: Optional[int], now: float) -> tuple[int, int]:
 
 def matcher_only(path: str, patterns: PatternSet) -> float:
     blocks = list(read_file(path))
-    matcher = Matcher(patterns)
-    now = time.time()
-    t0 = time.perf_counter()
-    for block in blocks:
-        matcher.scan(block, now)
-    return LINES / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(RUNS):
+        matcher = Matcher(patterns)
+        now = time.time()
+        t0 = time.perf_counter()
+        for block in blocks:
+            matcher.scan(block, now)
+        best = min(best, time.perf_counter() - t0)
+    return LINES / best
 
 
 class TimedStore(BDBRelayStore):
@@ -164,7 +170,11 @@ class TimedStore(BDBRelayStore):
 
 
 def pipeline(tmp: str, src: str, label: str, patterns: PatternSet) -> tuple[float, str]:
-    """Lines/s of the real watcher on *src*, and a note on where the store's time went."""
+    """Lines/s of the real watcher on *src* (best of RUNS, each on a new map), and where the time went."""
+    return max(one_pipeline(tmp, src, "%s-%d" % (label, run), patterns) for run in range(RUNS))
+
+
+def one_pipeline(tmp: str, src: str, label: str, patterns: PatternSet) -> tuple[float, str]:
     path = os.path.join(tmp, "follow-%s.log" % label)
     settings = Settings(logfiles=(path,), dbfile=os.path.join(tmp, "%s.db" % label), grace=3600,
                         max_session=DEFAULT_MAX_SESSION, skip_networks=tuple(parse_network(n) for n in DEFAULT_TRUSTED),
@@ -183,7 +193,7 @@ def pipeline(tmp: str, src: str, label: str, patterns: PatternSet) -> tuple[floa
         if not watcher.started.wait(30):
             raise SystemExit("pipeline: the watcher did not start")
         t0 = time.perf_counter()
-        os.rename(src, path)
+        os.link(src, path)          # the log appears whole, as after a rotation
         deadline = t0 + 300
         while reader.lookup(SENTINEL) is None:
             if time.perf_counter() > deadline or not thread.is_alive():
@@ -212,10 +222,10 @@ def throughput(tmp: str) -> list[tuple[str, float]]:
         size = os.path.getsize(src) / 1e6
         rate = matcher_only(src, patterns)
         print("%-10s (%d lines, %.0f MB, %d logins from %d addresses)" % (label, LINES, size, logins, distinct))
-        print("    matcher only:  %9.0f lines/s" % rate)
+        print("    matcher only:  %9.0f lines/s  (best of %d)" % (rate, RUNS))
         results.append(("%s, matcher only" % label, rate))
         rate, note = pipeline(tmp, src, key, patterns)
-        print("    full pipeline: %9.0f lines/s\n        (%s)" % (rate, note))
+        print("    full pipeline: %9.0f lines/s  (best of %d)\n        (%s)" % (rate, RUNS, note))
         results.append(("%s, full pipeline" % label, rate))
     return results
 
