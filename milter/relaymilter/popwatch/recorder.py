@@ -117,8 +117,11 @@ class Tracker:
         if ts is None:
             return None
         if ev.kind == "login":
-            return self._login(ev, ts, log.isEnabledFor(logging.INFO))
-        self._logout(ev, ts)
+            ip = self._login(ev, ts, log.isEnabledFor(logging.INFO))
+            if ip is not None:
+                self.stats["logins"] += 1
+            return ip
+        self.stats[self._logout(ev, ts)] += 1
         return None
 
     def handle_all(self, events: Iterable[Event], now: float, backlog: bool = False,
@@ -127,6 +130,9 @@ class Tracker:
         say = log.isEnabledFor(logging.INFO)
         when, login, logout = self._when, self._login, self._logout
         live = not backlog and since is None
+        # Counted here and added once: a Counter costs several times a local int per update.
+        logins = 0
+        outcomes: dict[str, int] = {}
         for ev in events:
             ts = ev.ts
             if live:
@@ -138,9 +144,14 @@ class Tracker:
                 if ts is None:
                     continue
             if ev.kind == "login":
-                login(ev, ts, say)
+                if login(ev, ts, say) is not None:
+                    logins += 1
             else:
-                logout(ev, ts)
+                outcome = logout(ev, ts)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if logins:
+            self.stats["logins"] += logins
+        self.stats.update(outcomes)
 
     def _when(self, ev: Event, now: float, backlog: bool, since: Optional[float]) -> Optional[float]:
         """The time an event counts for; None (counted) when it is not to be recorded."""
@@ -163,7 +174,6 @@ class Tracker:
         ip = known[0] if known is not None and known[1] is None else self.canonical(ev.ip)
         if ip is None:
             return None
-        self.stats["logins"] += 1
         last = self._last.get(ip)
         if last is None or last < ts:
             self._last[ip] = ts
@@ -181,7 +191,8 @@ class Tracker:
             log.info("login from %s (%s%s%s)", ip, ev.pattern, ", user " if ev.user else "", ev.user or "")
         return ip
 
-    def _logout(self, ev: Event, ts: float) -> None:
+    def _logout(self, ev: Event, ts: float) -> str:
+        """Close a session; the counter saying how it went (logouts, unmatched_logouts, invalid_ip)."""
         ip: Optional[str] = None
         key: Optional[tuple] = None
         if ev.session:
@@ -190,28 +201,25 @@ class Tracker:
         if ip is None and ev.ip is not None:
             ip = self._addresses.classify(ev.ip)[0]
             if ip is None:
-                self.stats["invalid_ip"] += 1
-                return
+                return "invalid_ip"
         sessions = self._open.get(ip or "")
         if ip is None or not sessions:
-            self.stats["unmatched_logouts"] += 1
-            return
+            return "unmatched_logouts"
         if key is None or key not in sessions:
             mine = [k for k in sessions if k[0] == ev.pattern]
             if not mine:
-                self.stats["unmatched_logouts"] += 1
-                return
+                return "unmatched_logouts"
             key = min(mine, key=sessions.__getitem__)
         del sessions[key]
         if not sessions:
             del self._open[ip]
-        self.stats["logouts"] += 1
         self._last[ip] = max(self._last.get(ip, 0.0), ts)
         if ip not in self._open:
             # The stored time becomes the logout: the grace period counts from there.
             self._queue(ip, int(ts), "logout")
         self._dirty.add(ip)
         log.debug("logout of %s (%s)", ip, ev.pattern)
+        return "logouts"
 
     def _queue(self, ip: str, stamp: int, kind: str) -> None:
         prev = self._writes.get(ip)
