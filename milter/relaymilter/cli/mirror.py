@@ -59,15 +59,8 @@ SETTLE = 0.02          # after a notification, gather the rest of a burst for th
 log = logging.getLogger("relaymilter.mirror")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        sys.stderr.write("%s: error: %s\n" % (PROG, message))
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Keep a local relayers.db equal to the relayers map in Redis, "
+    p = argparse.ArgumentParser(prog=PROG, description="Keep a local relayers.db equal to the relayers map in Redis, "
                                        "for sendmail or Postfix reading the file.")
     p.add_argument("--from", dest="source", metavar="URL", required=True,
                    help="the Redis map: redis://, rediss://, unix:// or redis+sentinel:// URL")

@@ -56,15 +56,8 @@ from relaymilter.popwatch.service import Settings, Watcher
 PROG = "relaymilter-popwatch"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        sys.stderr.write("%s: error: %s\n" % (PROG, message))
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Record POP/IMAP logins from the mail log in relayers.db "
+    p = argparse.ArgumentParser(prog=PROG, description="Record POP/IMAP logins from the mail log in relayers.db "
                                        "(POP-before-SMTP).")
     p.add_argument("-c", "--config", metavar="FILE", help="relaymilter YAML configuration")
     p.add_argument("--grace", type=int, metavar="SECONDS", help="keep an address this long after the last login")
