@@ -25,14 +25,13 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import Milter
 
@@ -42,8 +41,8 @@ from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.mail import check_mail
-from relaymilter.policy.rcpt import Client, RcptPolicy, evaluate_rcpt
+from relaymilter.policy.mail import check_keys, mail_plan
+from relaymilter.policy.rcpt import Client, ClientRules, Destination, RcptPolicy, destination
 from relaymilter.replies import Reply
 from relaymilter.store.relayers import RelayStore, open_relay_store
 from relaymilter.store.spammers import SpammersMap
@@ -79,6 +78,31 @@ class Runtime:
         else:
             self.spammers = SpammersMap(spam_path)
         self.spammers_path = spam_path
+        # The config is frozen per Runtime, so what an address resolves to is
+        # too: memoised here, dropped with the Runtime on reload.
+        self.rcpt_memo: dict[str, tuple[Destination, str]] = {}
+        self.sender_memo: dict[str, tuple[str, ...] | Decision] = {}
+
+    def destination(self, rcpt: str) -> tuple[Destination, str]:
+        """policy.rcpt.destination() for *rcpt* and its log detail, memoised."""
+        dest = destination(self.policy, rcpt)
+        value = (dest, _detail(dest))
+        if len(rcpt) <= MEMO_KEY_MAX:
+            memo = self.rcpt_memo
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[rcpt] = value
+        return value
+
+    def mail_plan(self, sender: str) -> tuple[str, ...] | Decision:
+        """policy.mail.mail_plan() for *sender*, memoised (the lookups are not)."""
+        plan = mail_plan(sender)
+        if len(sender) <= MEMO_KEY_MAX:
+            memo = self.sender_memo
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[sender] = plan
+        return plan
 
 
 class RuntimeHolder:
@@ -101,26 +125,28 @@ class RuntimeHolder:
 
 _ids = itertools.count(1)
 
+# Memo tables per Runtime are cleared when full: a flood of distinct
+# addresses costs the memo, never memory. Longer texts are not kept at all.
+MEMO_MAX = 4096
+MEMO_KEY_MAX = 320
 
-def fail_closed(func: Callable[..., int]) -> Callable[..., int]:
-    """Turn any unexpected exception in a callback into a logged 451 TEMPFAIL."""
-
-    @functools.wraps(func)
-    def guarded(self: "RelayMilter", *args: Any) -> int:
-        try:
-            return func(self, *args)
-        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
-            log.exception("%s: internal error in %s from %s; answering %s", self.conn_id, func.__name__,
-                          self.client_text, replies.INTERNAL_ERROR)
-            self._set_reply(replies.INTERNAL_ERROR)
-            return Milter.TEMPFAIL
-
-    return guarded
+_CONTINUE = Milter.CONTINUE
+_REJECT = Milter.REJECT
+_TEMPFAIL = Milter.TEMPFAIL
+_INTERNAL = TempFail(replies.INTERNAL_ERROR, "internal_error")
 
 
 def _brackets(addr: str) -> str:
     addr = addr.strip()
     return addr if addr.startswith("<") else "<%s>" % addr
+
+
+def _detail(dest: Destination) -> str:
+    """The resolved=/error= part of a RCPT log line."""
+    extra = "resolved=%s " % dest.resolved if dest.resolved is not None else ""
+    if dest.error:
+        extra += "error=%r " % dest.error
+    return extra
 
 
 class RelayMilter(Milter.Base):
@@ -129,64 +155,140 @@ class RelayMilter(Milter.Base):
     def __init__(self, holder: RuntimeHolder) -> None:
         self.rt = holder.current
         self.decide_log = holder.decisions.log
-        self.conn_id = "%06X" % next(_ids)
+        self.conn_id = next(_ids)       # logged as %06X; formatted by the log writer
         self.client = Client(None)
         self.client_text = "unknown"
         self.sender = "<>"
+        self.rules: Optional[ClientRules] = None
+        self.broken = False             # connect failed: every later step tempfails
 
     def _set_reply(self, reply: Reply) -> None:
-        self.setreply(reply.code, reply.xcode, reply.text)
+        # Straight to the context: Base.setreply's '%' check is for texts we
+        # do not own; every reply in relaymilter.replies is a constant without '%'.
+        self._ctx.setreply(reply.code, reply.xcode, reply.text)
+
+    def _internal_error(self, stage: str) -> int:
+        """The fail-closed answer: log the traceback, 451 4.3.0, TEMPFAIL."""
+        log.exception("%06X: internal error in %s from %s; answering %s", self.conn_id, stage,
+                      self.client_text, replies.INTERNAL_ERROR)
+        try:
+            self._set_reply(replies.INTERNAL_ERROR)
+        except Exception:  # noqa: BLE001 - TEMPFAIL must go out even if setreply fails
+            log.exception("%06X: cannot set the reply", self.conn_id)
+        return _TEMPFAIL
+
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        # No reply is sent for connect (P_NR_CONN): a failure here is kept
+        # and answered at MAIL and RCPT instead, so it is never lost.
+        try:
+            if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+                raw = str(hostaddr[0])
+                try:
+                    addr: Optional[str] = normalize_ip(raw)
+                except ValueError:
+                    addr = raw      # never None: no address at all would count as a local submission
+                name = hostname.strip("[]") if hostname and not hostname.startswith("[") else ""
+                self.client_text = "%s[%s]" % (name, addr)
+            else:
+                addr = None         # local submission (sendmail -bs): empty {client_addr}, as sendmail treats it
+                self.client_text = "local"
+            self.client = Client(addr)
+            self.rules = None
+        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
+            self.broken = True
+            log.exception("%06X: internal error in connect from %s; MAIL and RCPT will get %s",
+                          self.conn_id, self.client_text, replies.INTERNAL_ERROR)
+        return _CONTINUE
+
+    def envfrom_bytes(self, mailfrom: bytes, *esmtp: bytes) -> int:
+        """pymilter's entry point: decode only the address (ESMTP parameters are not used)."""
+        try:
+            sender = mailfrom.decode("utf-8", "surrogateescape")
+        except AttributeError:
+            sender = str(mailfrom)
+        return self._mail(sender)
+
+    def envfrom(self, mailfrom: str, *esmtp: str) -> int:
+        return self._mail(mailfrom)
+
+    def envrcpt_bytes(self, to: bytes, *esmtp: bytes) -> int:
+        """pymilter's entry point: decode only the address (ESMTP parameters are not used)."""
+        try:
+            rcpt = to.decode("utf-8", "surrogateescape")
+        except AttributeError:
+            rcpt = str(to)
+        return self._rcpt(rcpt)
+
+    def envrcpt(self, to: str, *esmtp: str) -> int:
+        return self._rcpt(to)
+
+    def _mail(self, mailfrom: str) -> int:
+        try:
+            sender = self.sender = mailfrom if mailfrom[:1] == "<" and mailfrom[-1:] == ">" else _brackets(mailfrom)
+            if self.broken:
+                self._log("MAIL", _INTERNAL, sender, None, "")
+                return self._answer(_INTERNAL)
+            auth = self._ctx.getsymval("{auth_authen}") or None
+            client = self.client
+            if auth != client.auth_authen or self.rules is None:
+                client = self.client = client.authenticated_as(auth)
+                self.rules = ClientRules(self.rt.policy, client)
+            rt = self.rt
+            plan = rt.sender_memo.get(sender)
+            if plan is None:
+                plan = rt.mail_plan(sender)
+            decision = check_keys(plan, rt.spammers.snapshot()) if type(plan) is tuple else plan
+            self._log("MAIL", decision, sender, None, "sasl_username=%s " % auth if auth else "")
+            if type(decision) is Continue:
+                return _CONTINUE
+            self._set_reply(decision.reply)
+            return _REJECT if type(decision) is Reject else _TEMPFAIL
+        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
+            return self._internal_error("envfrom")
+
+    def _rcpt(self, to: str) -> int:
+        try:
+            rcpt = to if to[:1] == "<" and to[-1:] == ">" else _brackets(to)
+            rules = self.rules
+            if self.broken:
+                decision: Decision = _INTERNAL
+                extra = ""
+            else:
+                if rules is None:   # RCPT before MAIL: not SMTP, but decide it all the same
+                    rules = self.rules = ClientRules(self.rt.policy, self.client)
+                rt = self.rt
+                memo = rt.rcpt_memo.get(rcpt)
+                if memo is None:
+                    memo = rt.destination(rcpt)
+                dest, extra = memo
+                final = dest.final
+                decision = final.decision if final is not None else rules.decide(dest, rt.relayers.lookup,
+                                                                                  time.time()).decision
+            self._log("RCPT", decision, self.sender, rcpt, extra)
+            if type(decision) is Continue:
+                return _CONTINUE
+            self._set_reply(decision.reply)
+            return _REJECT if type(decision) is Reject else _TEMPFAIL
+        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
+            return self._internal_error("envrcpt")
 
     def _answer(self, decision: Decision) -> int:
         if isinstance(decision, Continue):
-            return Milter.CONTINUE
+            return _CONTINUE
         self._set_reply(decision.reply)
-        return Milter.REJECT if isinstance(decision, Reject) else Milter.TEMPFAIL
-
-    @fail_closed
-    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
-        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            raw = str(hostaddr[0])
-            try:
-                addr: Optional[str] = normalize_ip(raw)
-            except ValueError:
-                addr = raw      # never None: no address at all would count as a local submission
-            self.client_text = "%s[%s]" % (hostname.strip("[]") if hostname and not hostname.startswith("[") else "", addr)
-        else:
-            addr = None         # local submission (sendmail -bs): empty {client_addr}, as sendmail treats it
-            self.client_text = "local"
-        self.client = Client(addr)
-        return Milter.CONTINUE
-
-    @fail_closed
-    def envfrom(self, mailfrom: str, *esmtp: str) -> int:
-        self.sender = _brackets(mailfrom)
-        auth = self.getsymval("{auth_authen}")
-        self.client = self.client.authenticated_as(auth or None)
-        decision = check_mail(self.sender, self.rt.spammers.snapshot())
-        self._log("MAIL", decision, self.sender, None, "sasl_username=%s " % auth if auth else "")
-        return self._answer(decision)
-
-    @fail_closed
-    def envrcpt(self, to: str, *esmtp: str) -> int:
-        rcpt = _brackets(to)
-        verdict = evaluate_rcpt(self.rt.policy, self.client, rcpt, self.rt.relayers.lookup, time.time())
-        extra = "resolved=%s " % verdict.resolved if verdict.resolved is not None else ""
-        if verdict.error:
-            extra += "error=%r " % verdict.error
-        self._log("RCPT", verdict.decision, self.sender, rcpt, extra)
-        return self._answer(verdict.decision)
+        return _REJECT if isinstance(decision, Reject) else _TEMPFAIL
 
     def _log(self, stage: str, decision: Decision, sender: str, rcpt: Optional[str], extra: str) -> None:
         # Formatting happens in the decision log's writer thread, not here.
         to = "to=%s " % rcpt if rcpt is not None else ""
-        if isinstance(decision, Continue):
-            self.decide_log("%s: pass: %s from %s: from=%s %s%srule=%s", self.conn_id, stage, self.client_text,
+        if type(decision) is Continue:
+            self.decide_log("%06X: pass: %s from %s: from=%s %s%srule=%s", self.conn_id, stage, self.client_text,
                             sender, to, extra, decision.rule)
             return
         reply = decision.reply
-        self.decide_log("%s: %s: %s from %s: %s %s %s: %s; from=%s %s%srule=%s", self.conn_id,
-                        "reject" if isinstance(decision, Reject) else "tempfail", stage, self.client_text,
+        self.decide_log("%06X: %s: %s from %s: %s %s %s: %s; from=%s %s%srule=%s", self.conn_id,
+                        "reject" if type(decision) is Reject else "tempfail", stage, self.client_text,
                         reply.code, reply.xcode, rcpt or sender, reply.text, sender, to, extra, decision.rule)
 
 

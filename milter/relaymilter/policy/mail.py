@@ -84,25 +84,46 @@ def sender_keys(sender: str) -> list[str]:
 
 
 _SENDER_OK = Continue("sender_ok")
+_NULL_SENDER = Continue("null_sender")
+_SENDER_UNPARSED = Continue("sender_unparsed")
+_SPAMMER = Reject(replies.ACCESS_DENIED, "spammers")
+_SPAMMERS_UNAVAILABLE = TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
+
+
+def mail_plan(sender: str) -> tuple[str, ...] | Decision:
+    """The spammers keys check_mail looks up for *sender*, or its decision when it needs none.
+
+    Depends only on the sender text, so a caller may memoise it; the lookups
+    themselves belong to each MAIL FROM (check_keys).
+    """
+    if is_null(sender):
+        return _NULL_SENDER
+    try:
+        resolved = resolve(sender)
+    except BadAddress:
+        return _SENDER_UNPARSED
+    if resolved.domain is None:
+        return _SENDER_OK
+    return tuple(_address_keys(resolved))
+
+
+def check_keys(keys: tuple[str, ...], spam_lookup: Callable[[str], bool]) -> Decision:
+    """Refuse the sender when any of its keys (from mail_plan) is listed."""
+    try:
+        for key in keys:
+            if spam_lookup(key):
+                return _SPAMMER
+    except StoreUnavailable:
+        return _SPAMMERS_UNAVAILABLE
+    return _SENDER_OK
 
 
 def check_mail(sender: str, spam_lookup: Callable[[str], bool]) -> Decision:
     """Refuse a sender listed in the spammers map (see the module notes)."""
-    if is_null(sender):
-        return Continue("null_sender")
-    try:
-        resolved = resolve(sender)
-    except BadAddress:
-        return Continue("sender_unparsed")
-    if resolved.domain is None:
-        return _SENDER_OK
-    try:
-        for key in _address_keys(resolved):
-            if spam_lookup(key):
-                return Reject(replies.ACCESS_DENIED, "spammers")
-    except StoreUnavailable:
-        return TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
-    return _SENDER_OK
+    plan = mail_plan(sender)
+    if isinstance(plan, tuple):
+        return check_keys(plan, spam_lookup)
+    return plan
 
 
 def _check_host(domain: str) -> str:

@@ -131,32 +131,96 @@ class RcptVerdict:
 _LOCAL = Continue("local_domain")
 _RELAY = Continue("relay_domain")
 _DENIED = Reject(replies.RELAYING_DENIED, "default_reject")
+_UNAVAILABLE = TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable")
+_MALFORMED = Reject(replies.MALFORMED_ADDRESS, "malformed_address")
 _CLIENT_RULES = {rule: Continue(rule) for rule in ("trusted_network", "authenticated", "relayers_db")}
 
 
-def _client_rule(
-    policy: RcptPolicy,
-    client: Client,
-    relay_lookup: Callable[[str], int | None],
-    now: float,
-) -> str | None:
-    """The rule that lets this client relay, or None; may raise StoreUnavailable."""
-    if not client.addr:
-        return "trusted_network"
-    ip = client.ip
-    if ip is not None and policy.is_trusted(ip):
-        return "trusted_network"
-    if client.auth_authen and policy.permit_authenticated:
-        return "authenticated"
-    if ip is None:
-        # Not an address we can key relayers.db on: no one logged in from it.
-        return None
-    stamp = relay_lookup(client.key)
-    if stamp is None:
-        return None
-    if policy.window is not None and stamp + policy.window * 60 < now:
-        return None
-    return "relayers_db"
+@dataclass(frozen=True)
+class Destination:
+    """What a recipient is, whoever the client: the client-independent half of check_rcpt.
+
+    *final* is the verdict when the recipient alone decides (local or relay
+    domain), else None and the client rules decide.  Depends only on the
+    policy and the recipient text, so a caller may memoise it per policy.
+    """
+
+    resolved: Resolved | None
+    error: str | None
+    final: RcptVerdict | None
+
+
+def destination(policy: RcptPolicy, rcpt: str) -> Destination:
+    """Resolve *rcpt* and classify it as local, relay or neither (see the module notes)."""
+    try:
+        resolved = resolve(rcpt, policy.is_ours, percent_hack=policy.percent_hack, bang_paths=policy.bang_paths)
+    except BadAddress as exc:
+        return Destination(None, str(exc), None)
+    if resolved.domain is None or policy.is_local(resolved.domain):
+        return Destination(resolved, None, RcptVerdict(_LOCAL, resolved))
+    if policy.is_relay(resolved.domain):
+        return Destination(resolved, None, RcptVerdict(_RELAY, resolved))
+    return Destination(resolved, None, None)
+
+
+_LOOKUP = "relayers_db?"   # marker: only the relayers lookup can still grant relay
+
+
+class ClientRules:
+    """The client rules of check_rcpt for one client, all but the relayers lookup worked out once.
+
+    Trust, authentication and the relayers key cannot change while they hold
+    (build a new one when {auth_authen} changes); the relayers lookup itself
+    is made on every rule() call, so a vsmtprelay add or delete counts at once.
+    """
+
+    __slots__ = ("policy", "static", "key")
+
+    def __init__(self, policy: RcptPolicy, client: Client) -> None:
+        self.policy = policy
+        self.key = client.key
+        ip = client.ip
+        if not client.addr or (ip is not None and policy.is_trusted(ip)):
+            self.static: str | None = "trusted_network"
+        elif client.auth_authen and policy.permit_authenticated:
+            self.static = "authenticated"
+        elif ip is None:
+            # Not an address we can key relayers.db on: no one logged in from it.
+            self.static = None
+        else:
+            self.static = _LOOKUP
+
+    def rule(self, relay_lookup: Callable[[str], int | None], now: float) -> str | None:
+        """The rule that lets this client relay, or None; may raise StoreUnavailable."""
+        static = self.static
+        if static is not _LOOKUP:
+            return static
+        stamp = relay_lookup(self.key)
+        if stamp is None:
+            return None
+        window = self.policy.window
+        if window is not None and stamp + window * 60 < now:
+            return None
+        return "relayers_db"
+
+    def decide(
+        self,
+        dest: Destination,
+        relay_lookup: Callable[[str], int | None],
+        now: float,
+    ) -> RcptVerdict:
+        """check_rcpt for a recipient already classified by destination()."""
+        if dest.final is not None:
+            return dest.final
+        try:
+            rule = self.rule(relay_lookup, now)
+        except StoreUnavailable:
+            return RcptVerdict(_UNAVAILABLE, dest.resolved, dest.error)
+        if rule is not None:
+            return RcptVerdict(_CLIENT_RULES[rule], dest.resolved, dest.error)
+        if dest.resolved is None:
+            return RcptVerdict(_MALFORMED, None, dest.error)
+        return RcptVerdict(_DENIED, dest.resolved)
 
 
 def evaluate_rcpt(
@@ -167,26 +231,10 @@ def evaluate_rcpt(
     now: float,
 ) -> RcptVerdict:
     """Decide one RCPT TO and say what it resolved to (see the module notes)."""
-    resolved: Resolved | None
-    error: str | None = None
-    try:
-        resolved = resolve(rcpt, policy.is_ours, percent_hack=policy.percent_hack, bang_paths=policy.bang_paths)
-    except BadAddress as exc:
-        resolved, error = None, str(exc)
-    if resolved is not None:
-        if resolved.domain is None or policy.is_local(resolved.domain):
-            return RcptVerdict(_LOCAL, resolved)
-        if policy.is_relay(resolved.domain):
-            return RcptVerdict(_RELAY, resolved)
-    try:
-        rule = _client_rule(policy, client, relay_lookup, now)
-    except StoreUnavailable:
-        return RcptVerdict(TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable"), resolved, error)
-    if rule is not None:
-        return RcptVerdict(_CLIENT_RULES[rule], resolved, error)
-    if resolved is None:
-        return RcptVerdict(Reject(replies.MALFORMED_ADDRESS, "malformed_address"), None, error)
-    return RcptVerdict(_DENIED, resolved)
+    dest = destination(policy, rcpt)
+    if dest.final is not None:
+        return dest.final
+    return ClientRules(policy, client).decide(dest, relay_lookup, now)
 
 
 def check_rcpt(
