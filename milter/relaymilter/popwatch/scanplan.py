@@ -36,11 +36,15 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import re
+from itertools import repeat
 from typing import Callable, Iterator, Union
 
 ANCHOR = b": "
 MIN_TAIL = 4
 SHARED_PREFIX = 2
+_ONE = 1
+_START = re.Match.start
+_GROUP = re.Match.group
 
 Search = Callable[[bytes], Iterator["re.Match[bytes]"]]
 Bits = Union[int, dict[bytes, int]]      # the root bit of a pass, or root bits by the text matched after it
@@ -89,18 +93,31 @@ class ScanPlan:
 
     def candidates(self, block: bytes) -> dict[int, int]:
         """Line start -> bits of the roots found on that line."""
+        # Every step below is a C call over a whole pass (map, zip, dict): no Python code runs
+        # per found line, except where two passes, or two roots of one pass, share a line.
         cand: dict[int, int] = {}
-        get = cand.get
         rfind = block.rfind
         for search, bits in self.passes:
+            found = list(search(block))
+            if not found:
+                continue
+            starts = list(map(_ONE.__add__, map(rfind, repeat(b"\n"), repeat(0), map(_START, found))))
             if bits.__class__ is int:
-                for m in search(block):
-                    start = rfind(b"\n", 0, m.start()) + 1
-                    cand[start] = get(start, 0) | bits  # type: ignore[operator]
+                got = dict.fromkeys(starts, bits)
             else:
-                for m in search(block):
-                    start = rfind(b"\n", 0, m.start()) + 1
-                    cand[start] = get(start, 0) | bits[m[1]]  # type: ignore[index]
+                values = list(map(bits.__getitem__, map(_GROUP, found, repeat(1))))  # type: ignore[union-attr]
+                got = dict(zip(starts, values))
+                if len(got) < len(starts):
+                    # Two roots of this pass on one line: both count.
+                    got = {}
+                    for start, value in zip(starts, values):
+                        got[start] = got.get(start, 0) | value
+            if cand:
+                for start in got.keys() & cand.keys():
+                    got[start] |= cand[start]
+                cand.update(got)
+            else:
+                cand = got
         return cand
 
     def resolve(self, roots: int) -> Resolved:
