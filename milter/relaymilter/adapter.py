@@ -134,6 +134,7 @@ _CONTINUE = Milter.CONTINUE
 _REJECT = Milter.REJECT
 _TEMPFAIL = Milter.TEMPFAIL
 _INTERNAL = TempFail(replies.INTERNAL_ERROR, "internal_error")
+_NO_CLIENT = Client(None)
 
 
 def _brackets(addr: str) -> str:
@@ -156,7 +157,7 @@ class RelayMilter(Milter.Base):
         self.rt = holder.current
         self.decide_log = holder.decisions.log
         self.conn_id = next(_ids)       # logged as %06X; formatted by the log writer
-        self.client = Client(None)
+        self.client = _NO_CLIENT
         self.client_text = "unknown"
         self.sender = "<>"
         self.rules: Optional[ClientRules] = None
@@ -176,6 +177,17 @@ class RelayMilter(Milter.Base):
         except Exception:  # noqa: BLE001 - TEMPFAIL must go out even if setreply fails
             log.exception("%06X: cannot set the reply", self.conn_id)
         return _TEMPFAIL
+
+    def negotiate(self, opts: list[int]) -> int:
+        """Base.negotiate without its per-connection search for @symlist (this class has none)."""
+        try:
+            self._actions, protocol, _, _ = opts
+            opts[1] = self._protocol = protocol & ~self.protocol_mask()
+            opts[2] = 0
+            opts[3] = 0
+        except Exception:  # noqa: BLE001 - as Base.negotiate: change nothing if anything went wrong
+            return Milter.ALL_OPTS
+        return _CONTINUE
 
     @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -281,15 +293,28 @@ class RelayMilter(Milter.Base):
 
     def _log(self, stage: str, decision: Decision, sender: str, rcpt: Optional[str], extra: str) -> None:
         # Formatting happens in the decision log's writer thread, not here.
-        to = "to=%s " % rcpt if rcpt is not None else ""
         if type(decision) is Continue:
-            self.decide_log("%06X: pass: %s from %s: from=%s %s%srule=%s", self.conn_id, stage, self.client_text,
-                            sender, to, extra, decision.rule)
+            if rcpt is None:
+                self.decide_log(_PASS_MAIL, self.conn_id, stage, self.client_text, sender, extra, decision.rule)
+            else:
+                self.decide_log(_PASS_RCPT, self.conn_id, stage, self.client_text, sender, rcpt, extra,
+                                decision.rule)
             return
         reply = decision.reply
-        self.decide_log("%06X: %s: %s from %s: %s %s %s: %s; from=%s %s%srule=%s", self.conn_id,
-                        "reject" if type(decision) is Reject else "tempfail", stage, self.client_text,
-                        reply.code, reply.xcode, rcpt or sender, reply.text, sender, to, extra, decision.rule)
+        verb = "reject" if type(decision) is Reject else "tempfail"
+        if rcpt is None:
+            self.decide_log(_REFUSE_MAIL, self.conn_id, verb, stage, self.client_text, reply.code, reply.xcode,
+                            sender, reply.text, sender, extra, decision.rule)
+        else:
+            self.decide_log(_REFUSE_RCPT, self.conn_id, verb, stage, self.client_text, reply.code, reply.xcode,
+                            rcpt, reply.text, sender, rcpt, extra, decision.rule)
+
+
+# The decision lines (see the module notes); conn_id is an int, shown as %06X.
+_PASS_MAIL = "%06X: pass: %s from %s: from=%s %srule=%s"
+_PASS_RCPT = "%06X: pass: %s from %s: from=%s to=%s %srule=%s"
+_REFUSE_MAIL = "%06X: %s: %s from %s: %s %s %s: %s; from=%s %srule=%s"
+_REFUSE_RCPT = "%06X: %s: %s from %s: %s %s %s: %s; from=%s to=%s %srule=%s"
 
 
 def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> None:
