@@ -243,8 +243,10 @@ class RelayMilter(Milter.Base):
                 return self._answer(_INTERNAL)
             auth = self._ctx.getsymval("{auth_authen}") or None
             client = self.client
-            if auth != client.auth_authen or self.rules is None:
+            if auth != client.auth_authen:
                 client = self.client = client.authenticated_as(auth)
+                self.rules = ClientRules(self.rt.policy, client)
+            elif self.rules is None:
                 self.rules = ClientRules(self.rt.policy, client)
             rt = self.rt
             plan = rt.sender_memo.get(sender)
@@ -275,8 +277,8 @@ class RelayMilter(Milter.Base):
                     memo = rt.destination(rcpt)
                 dest, extra = memo
                 final = dest.final
-                decision = final.decision if final is not None else rules.decide(dest, rt.relayers.lookup,
-                                                                                  time.time()).decision
+                decision = final.decision if final is not None else rules.decision(dest, rt.relayers.lookup,
+                                                                                    time.time())
             self._log("RCPT", decision, self.sender, rcpt, extra)
             if type(decision) is Continue:
                 return _CONTINUE

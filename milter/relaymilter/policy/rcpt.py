@@ -203,24 +203,33 @@ class ClientRules:
             return None
         return "relayers_db"
 
+    def decision(
+        self,
+        dest: Destination,
+        relay_lookup: Callable[[str], int | None],
+        now: float,
+    ) -> Decision:
+        """check_rcpt for a recipient already classified by destination()."""
+        if dest.final is not None:
+            return dest.final.decision
+        try:
+            rule = self.rule(relay_lookup, now)
+        except StoreUnavailable:
+            return _UNAVAILABLE
+        if rule is not None:
+            return _CLIENT_RULES[rule]
+        return _MALFORMED if dest.resolved is None else _DENIED
+
     def decide(
         self,
         dest: Destination,
         relay_lookup: Callable[[str], int | None],
         now: float,
     ) -> RcptVerdict:
-        """check_rcpt for a recipient already classified by destination()."""
+        """As decision(), with what the recipient resolved to (or why it did not)."""
         if dest.final is not None:
             return dest.final
-        try:
-            rule = self.rule(relay_lookup, now)
-        except StoreUnavailable:
-            return RcptVerdict(_UNAVAILABLE, dest.resolved, dest.error)
-        if rule is not None:
-            return RcptVerdict(_CLIENT_RULES[rule], dest.resolved, dest.error)
-        if dest.resolved is None:
-            return RcptVerdict(_MALFORMED, None, dest.error)
-        return RcptVerdict(_DENIED, dest.resolved)
+        return RcptVerdict(self.decision(dest, relay_lookup, now), dest.resolved, dest.error)
 
 
 def evaluate_rcpt(
