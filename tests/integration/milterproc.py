@@ -17,6 +17,16 @@ from typing import Optional
 import yaml
 
 
+def unix_listening(path: str) -> bool:
+    """Whether a unix socket at *path* accepts connections: the file appears at
+    bind(), a connection is refused until listen() (flags 00010000 in /proc/net/unix)."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[3] == "00010000" and line.endswith(" " + path) for line in lines)
+
+
 def children(pid: int) -> list[int]:
     try:
         text = Path("/proc/%d/task/%d/children" % (pid, pid)).read_text()
@@ -77,13 +87,7 @@ class MilterProcess:
 
     def _listening(self) -> bool:
         if self.socket.startswith("unix:"):
-            # the file appears at bind(); only a listening socket accepts (flags 00010000)
-            try:
-                lines = Path("/proc/net/unix").read_text().splitlines()[1:]
-            except OSError:
-                return False
-            path = str(self.sock_path)
-            return any(l.split()[3] == "00010000" and l.endswith(" " + path) for l in lines)
+            return unix_listening(str(self.sock_path))
         port = int(self.socket.split(":")[1].split("@")[0])
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             try:

@@ -23,6 +23,8 @@ from relaymilter.harness import MilterSession, SessionSpec, run_session
 from relaymilter.harness import protocol as P
 from relaymilter.harness.reply import AddHeader, AddRcpt, ChgFrom, ChgHeader, DelRcpt, InsHeader, Quarantine, ReplBody
 
+from milterproc import unix_listening
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 MILTERS = Path(__file__).resolve().parent.parent / "data" / "pymilter_milters.py"
@@ -37,7 +39,7 @@ def start_pymilter(kind: str) -> Iterator[str]:
                             stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog)
     try:
         deadline = time.monotonic() + START_LIMIT
-        while not os.path.exists(sock):
+        while not unix_listening(sock):
             if proc.poll() is not None:
                 errlog.seek(0)
                 pytest.fail("pymilter %s exited with %s: %s" % (kind, proc.returncode, errlog.read().decode()))

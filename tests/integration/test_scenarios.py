@@ -23,6 +23,8 @@ import pytest
 from relaymilter.harness import load_scenarios, run_file
 from relaymilter.harness.scenario import format_outcome
 
+from milterproc import unix_listening
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 TOP = Path(__file__).resolve().parents[2]
@@ -48,7 +50,7 @@ def relaymilter() -> Iterator[str]:
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + START_LIMIT
-        while not os.path.exists(sock):
+        while not unix_listening(sock):
             if proc.poll() is not None:
                 log.seek(0)
                 pytest.fail("relaymilter exited with %s:\n%s" % (proc.returncode, log.read().decode()))
