@@ -77,7 +77,7 @@ def test_writers_expire_loop_and_reader(tmp_path):
                 p.kill()
     assert reader.exitcode == 0
     lookups, errors, misses = counts[:]
-    assert lookups > 100 and errors == 0 and misses == 0
+    assert lookups > 10 and errors == 0 and misses == 0     # the reader really ran alongside
 
     entries = dict(BDBRelayStore(path).entries())
     for w in range(WRITERS):
