@@ -1,0 +1,200 @@
+"""The adapter's callbacks called as pymilter calls them, on real relayers.db/spammers.db files.
+
+The libmilter context is the one stand-in: it records setreply() and
+serves macros, as libmilter's context would for the MTA's packets.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import Milter
+import pytest
+
+from relaymilter import adapter, replies
+from relaymilter.config import load_config
+from relaymilter.decisionlog import DecisionLog
+from relaymilter.store.relayers import BDBRelayStore
+from relaymilter.store.spammers import write_db
+
+
+class Context:
+    """What RelayMilter uses of libmilter's context: macros in, replies out."""
+
+    def __init__(self, macros: dict | None = None) -> None:
+        self.macros = dict(macros or {})
+        self.replies: list[tuple] = []
+
+    def getsymval(self, name: str):
+        return self.macros.get(name)
+
+    def setreply(self, *reply) -> None:
+        self.replies.append(reply)
+
+    def setpriv(self, priv) -> None:
+        pass
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    cfg = tmp_path / "relaymilter.yaml"
+    cfg.write_text("add_host_names: false\nlocal_domains: [local.test]\nrelay_domains: [relayed.test]\n"
+                   "trusted_networks: [127.0.0.1/32]\nrelayers: {path: %s}\nspammers: {path: %s}\n"
+                   % (tmp_path / "relayers.db", tmp_path / "spammers.db"))
+    write_db(str(tmp_path / "spammers.db"), ["spam.example"])
+    lines: list[str] = []
+    decisions = DecisionLog(lambda batch: lines.extend(msg for _, msg in batch), interval=3600)
+    holder = adapter.RuntimeHolder(adapter.Runtime(load_config(str(cfg))), decisions)
+    try:
+        yield holder, BDBRelayStore(str(tmp_path / "relayers.db")), lines, cfg
+    finally:
+        decisions.close()
+
+
+def open_conn(holder, ip="192.0.2.7", macros=None, hostname=None):
+    m = adapter.RelayMilter(holder)
+    ctx = Context(macros)
+    m._setctx(ctx)
+    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+    assert m.negotiate(opts) == Milter.CONTINUE
+    assert m.connect(hostname or "[%s]" % ip, socket.AF_INET, (ip, 4321)) == Milter.NOREPLY
+    return m, ctx
+
+
+def test_negotiate_asks_for_no_connect_reply_and_the_callbacks_it_uses():
+    m = adapter.RelayMilter.__new__(adapter.RelayMilter)
+    m._setctx(None)
+    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+    m.negotiate(opts)
+    assert opts[1] & Milter.P_NR_CONN
+    for step in (Milter.P_NOCONNECT, Milter.P_NOMAIL, Milter.P_NORCPT, Milter.P_NR_MAIL, Milter.P_NR_RCPT):
+        assert not opts[1] & step
+    assert opts[1] & Milter.P_NOHDRS and opts[1] & Milter.P_NOBODY
+    # Same answer as pymilter's own negotiate, which this one only shortcuts.
+    base = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+    Milter.Base.negotiate(m, base)
+    assert base == opts
+
+
+def test_decision_lines(setup):
+    holder, store, lines, _ = setup
+    store.add({"192.0.2.8": int(time.time())})
+    m, ctx = open_conn(holder, "192.0.2.7", hostname="client.example")
+    assert m.envfrom_bytes(b"<alice@example.net>", b"SIZE=10") == Milter.CONTINUE
+    assert m.envrcpt_bytes(b"<bob@local.test>") == Milter.CONTINUE
+    assert m.envrcpt_bytes(b"bob@remote.example") == Milter.REJECT
+    assert ctx.replies == [("550", "5.7.1", "Relaying denied")]
+    m2, _ = open_conn(holder, "192.0.2.8", macros={"{auth_authen}": "carol"})
+    assert m2.envfrom_bytes(b"<carol@spam.example>") == Milter.REJECT
+    holder.decisions.flush()
+    a, b = "%06X" % m.conn_id, "%06X" % m2.conn_id
+    assert lines == [
+        "%s: pass: MAIL from client.example[192.0.2.7]: from=<alice@example.net> rule=sender_ok" % a,
+        "%s: pass: RCPT from client.example[192.0.2.7]: from=<alice@example.net> to=<bob@local.test> "
+        "resolved=bob@local.test rule=local_domain" % a,
+        "%s: reject: RCPT from client.example[192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; "
+        "from=<alice@example.net> to=<bob@remote.example> resolved=bob@remote.example rule=default_reject" % a,
+        "%s: reject: MAIL from [192.0.2.8]: 550 5.7.1 <carol@spam.example>: Access denied; "
+        "from=<carol@spam.example> sasl_username=carol rule=spammers" % b,
+    ]
+
+
+def test_relayers_changes_count_within_one_connection(setup):
+    holder, store, _, _ = setup
+    m, _ = open_conn(holder, "192.0.2.9")
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
+    store.add({"192.0.2.9": int(time.time())})
+    assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+    store.delete(["192.0.2.9"])
+    assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
+
+
+def test_auth_seen_at_a_later_mail(setup):
+    holder, _, _, _ = setup
+    m, ctx = open_conn(holder, "192.0.2.10")
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
+    ctx.macros["{auth_authen}"] = "alice"
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+
+
+def test_memo_is_exact_and_bounded(setup, monkeypatch):
+    holder, _, _, _ = setup
+    rt = holder.current
+    m, _ = open_conn(holder, "192.0.2.11")
+    m.envfrom("<a@example.net>")
+    for _ in range(2):
+        assert m.envrcpt("<bob%remote.example@local.test>") == Milter.REJECT
+        assert m.envrcpt("<bob@sub.relayed.test>") == Milter.CONTINUE
+    assert set(rt.rcpt_memo) == {"<bob%remote.example@local.test>", "<bob@sub.relayed.test>"}
+    assert set(rt.sender_memo) == {"<a@example.net>"}
+    monkeypatch.setattr(adapter, "MEMO_MAX", 3)
+    for k in range(5):
+        m.envrcpt("<u%d@remote.example>" % k)
+    assert len(rt.rcpt_memo) <= 3
+    long_rcpt = "<%s@remote.example>" % ("x" * adapter.MEMO_KEY_MAX)
+    assert m.envrcpt(long_rcpt) == Milter.REJECT
+    assert long_rcpt not in rt.rcpt_memo
+
+
+def test_reload_starts_a_new_memo(setup):
+    holder, _, _, cfg = setup
+    m, _ = open_conn(holder, "192.0.2.12")
+    m.envfrom("<a@example.net>")
+    assert m.envrcpt("<bob@other.test>") == Milter.REJECT
+    cfg.write_text(cfg.read_text().replace("[local.test]", "[local.test, other.test]"))
+    holder.swap(load_config(str(cfg)))
+    assert m.envrcpt("<bob@other.test>") == Milter.REJECT     # the open connection keeps its rules
+    m2, _ = open_conn(holder, "192.0.2.12")
+    m2.envfrom("<a@example.net>")
+    assert m2.envrcpt("<bob@other.test>") == Milter.CONTINUE
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("bug")
+
+
+def test_connect_failure_is_answered_at_mail_and_rcpt(setup):
+    holder, _, lines, _ = setup
+    m = adapter.RelayMilter(holder)
+    ctx = Context()
+    m._setctx(ctx)
+    m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+    # connect sends no reply, so it must not fail there; it must not pass either.
+    assert m.connect("host", socket.AF_INET, (Unprintable(), 1)) == Milter.NOREPLY
+    assert m.envfrom("<a@example.net>") == Milter.TEMPFAIL
+    assert m.envrcpt("<bob@local.test>") == Milter.TEMPFAIL
+    assert ctx.replies == [("451", "4.3.0", "Internal error, try again later")] * 2
+    holder.decisions.flush()
+    assert lines[0].endswith("451 4.3.0 <a@example.net>: Internal error, try again later; "
+                             "from=<a@example.net> rule=internal_error")
+
+
+def test_exception_in_rcpt_tempfails(setup, caplog):
+    holder, _, _, _ = setup
+    m, ctx = open_conn(holder, "192.0.2.13")
+    m.envfrom("<a@example.net>")
+
+    class Broken:
+        def lookup(self, ip: str):
+            raise RuntimeError("bug")
+
+    m.rt = adapter.Runtime(holder.current.config, holder.current)
+    m.rt.relayers = Broken()
+    assert m.envrcpt("<bob@remote.example>") == Milter.TEMPFAIL
+    assert ctx.replies[-1] == ("451", "4.3.0", "Internal error, try again later")
+    assert "internal error in envrcpt from [192.0.2.13]" in caplog.text
+    assert m.envrcpt("<bob@local.test>") == Milter.CONTINUE   # decided before any lookup
+
+
+def test_replies_need_no_percent_escaping():
+    # _set_reply bypasses Base.setreply's '%' check: every reply must be free of '%'.
+    table = [v for v in vars(replies).values() if isinstance(v, replies.Reply)]
+    assert table and all("%" not in r.text for r in table)
