@@ -17,5 +17,5 @@ for cmd in relaymilter vsmtprelay vnewspammers relaymilter-popwatch relaymilter-
     ln -sf "$prefix/bin/$cmd" "/usr/local/bin/$cmd"
 done
 mkdir -p "$HOME/etc"
-relaymilter --check-config
-exec relaymilter "$@"
+"$prefix/bin/relaymilter" --check-config
+exec "$prefix/bin/relaymilter" "$@"
