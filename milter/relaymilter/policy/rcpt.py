@@ -39,6 +39,7 @@ Stdlib only: part of the pure policy core.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,13 +101,22 @@ class Client:
     key: str = field(init=False, default="", compare=False, repr=False)   # canonical relayers.db key
 
     def __post_init__(self) -> None:
-        if self.addr:
+        addr = self.addr
+        if not addr:
+            return
+        try:
+            # glibc's inet_pton takes only a canonical dotted quad: the text is the key as it is.
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(
+                socket.inet_pton(socket.AF_INET, addr))
+            key = addr
+        except (OSError, TypeError, ValueError):
             try:
-                ip = parse_ip(self.addr)
+                ip = parse_ip(addr)
             except ValueError:
                 return
-            object.__setattr__(self, "ip", ip)
-            object.__setattr__(self, "key", self.addr if ip.version == 4 and self.addr == str(ip) else str(ip))
+            key = str(ip)
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "key", key)
 
     def authenticated_as(self, auth_authen: str | None) -> "Client":
         """The same client after SMTP AUTH (its parsed address is reused)."""
