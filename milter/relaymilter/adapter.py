@@ -12,15 +12,27 @@ DESCRIPTION
     connect() records the client address, envfrom() checks the sender against
     spammers.db and notes {auth_authen}, envrcpt() asks the policy core and
     turns its decision into setreply() + a return code. Callbacks we do not
-    need are not overridden, so pymilter declines them in negotiation.
+    need are not overridden, so pymilter declines them in negotiation;
+    connect asks for no reply (P_NR_CONN): the MTA does not wait for one.
 
-    One log line per decision, Postfix style:
+    Hot path (libmilter's workers share one GIL, so every callback's Python
+    time is everyone's latency): the envfrom/envrcpt_bytes entry points
+    decode only the address; what a recipient resolves to and whether it is
+    local or relay, and a sender's spammers keys, depend only on the frozen
+    configuration and are memoised per Runtime (bounded tables); trust,
+    authentication and the relayers key are worked out once per MAIL
+    (policy.rcpt.ClientRules). The relayers lookup is still made for every
+    RCPT and the spammers lookups for every MAIL, so a vsmtprelay add or
+    delete counts from the next command on.
+
+    One log line per decision, Postfix style (formatted by the log writer):
       <id>: reject: RCPT from [192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; from=<a@b> to=<bob@remote.example> rule=default_reject
 
 DIAGNOSTICS
-    Fail closed: any exception escaping a callback is logged with its
-    traceback and answered 451 4.3.0 (TEMPFAIL), never CONTINUE; pymilter's
-    own exception policy is set to TEMPFAIL as a second guard.
+    Fail closed: any exception in a callback is logged with its traceback
+    and answered 451 4.3.0 (TEMPFAIL), never CONTINUE; an exception in
+    connect, which sends no reply, is remembered and MAIL and RCPT get the
+    451. pymilter's own exception policy is set to TEMPFAIL as a second guard.
 """
 
 from __future__ import annotations
