@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Callable, Optional
 
 from relaymilter.popwatch.patterns import PatternSet, Rule
@@ -43,12 +44,13 @@ from relaymilter.popwatch.timestamps import LEAD_TEXT, TimestampParser
 PENDING_MAX = 10000
 LEAD_GROUP = "_lead"        # not a name patterns may use (see patterns.GROUPS)
 _EVENT_KINDS = ("login", "logout")
+_UNKNOWN = object()
 # A regex that refers to groups by number must not get a group in front of its own,
 # and one that starts with global inline flags ("(?i)...") must keep them first.
 _KEEP_ALONE = re.compile(rb"\\[1-9]|\(\?\(\d|^\(\?[aiLmsux]+\)")
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One login or logout seen in the log."""
 
@@ -129,6 +131,7 @@ class Matcher:
         self.plan = ScanPlan(lits)
         self._rules_by_mask: dict[int, tuple[_Compiled, ...]] = {}
         self._single: dict[int, Optional[_Compiled]] = {}
+        self._fast: dict[int, Optional[_Compiled]] = {}     # candidate roots -> the one rule to try
         self._times: dict[bytes, Optional[float]] = {}     # timestamp text -> epoch, for one hour of now
         self._times_hour = -1
         self._pending: OrderedDict[tuple[str, bytes], tuple[Optional[str], Optional[float], Optional[str]]] = OrderedDict()
@@ -154,37 +157,31 @@ class Matcher:
         # Block-level C checks spare the per-line ones in the usual all-ASCII, NUL-free case.
         clean = block.isascii() and block.find(b"\0") < 0 and block.find(b"\r") < 0
         events: list[Event] = []
-        find = block.find
         plan = self.plan
-        resolved = plan.resolved
-        single = self._single
+        fast = self._fast
         times = self._times_for(now)
-        for start in sorted(cand):
-            line = block[start:find(b"\n", start)]
-            roots = cand[start]
+        starts = sorted(cand)
+        # Lines cut by C calls over all candidates at once (map/slice), not one by one.
+        lines = map(block.__getitem__, map(slice, starts, map(block.find, repeat(b"\n"), starts)))
+        for line, roots in zip(lines, map(cand.__getitem__, starts)):
             if not clean:
                 cleaned = self._clean(line)
                 if cleaned is None:
                     continue
                 if cleaned is not line:
-                    line = cleaned
-                    mask = plan.mask_of(line, roots)
-                    roots = 0
-            if roots:
-                mask, longer = resolved.get(roots) or plan.resolve(roots)
+                    self._try_mask(plan.mask_of(cleaned, roots), cleaned, now, events)
+                    continue
+            # roots -> the one rule to try, when the roots alone say so (the common case).
+            c = fast.get(roots, _UNKNOWN)
+            if c is _UNKNOWN:
+                c = self._fast_for(roots)
+            if c is None:
+                mask, longer = plan.resolve(roots)
                 for lit, more in longer:
                     if line.find(lit) >= 0:     # not `in`: for bytes it first tries lit as an int
                         mask |= more
-            if not mask:
+                self._try_mask(mask, line, now, events)
                 continue
-            try:
-                c = single[mask]
-            except KeyError:
-                c = self._single_for(mask)
-            if c is None:
-                self._try(self._rules_by_mask[mask], line, now, events)
-                continue
-            # The common case, spelled out: one login/logout rule for this line.
             m = c.match(line)
             if m is None:
                 continue
@@ -200,6 +197,25 @@ class Matcher:
                                 None if user is None else user.decode("utf-8", "replace"),
                                 c.by_ip or (c.by_session and session is not None)))
         return events
+
+    def _fast_for(self, roots: int) -> Optional[_Compiled]:
+        """The single rule for lines with *roots* when no longer prefilter is left to check; else None."""
+        mask, longer = self.plan.resolve(roots)
+        c = None if longer or not mask else self._single_for(mask)
+        self._fast[roots] = c
+        return c
+
+    def _try_mask(self, mask: int, line: bytes, now: float, events: list[Event]) -> None:
+        if not mask:
+            return
+        try:
+            c = self._single[mask]
+        except KeyError:
+            c = self._single_for(mask)
+        if c is None:
+            self._try(self._rules_by_mask[mask], line, now, events)
+        else:
+            self._try((c,), line, now, events)
 
     def _scan_each(self, block: bytes, now: float) -> list[Event]:
         events: list[Event] = []
