@@ -130,8 +130,14 @@ class Tracker:
         say = log.isEnabledFor(logging.INFO)
         when, login, logout = self._when, self._login, self._logout
         live = not backlog and since is None
+        # What _login() does for a known, recordable address, spelled out below (no call,
+        # locals for the tables): a POP server's clients log in again and again.
+        cache = self._addresses.cache
+        last, opened, by_session, writes = self._last, self._open, self._by_session, self._writes
+        dirty = self._dirty.add
+        seq = self._seq
         # Counted here and added once: a Counter costs several times a local int per update.
-        logins = 0
+        logins = unmatched = 0
         outcomes: dict[str, int] = {}
         for ev in events:
             ts = ev.ts
@@ -143,14 +149,41 @@ class Tracker:
                 ts = when(ev, now, backlog, since)
                 if ts is None:
                     continue
-            if ev.kind == "login":
-                if login(ev, ts, say) is not None:
-                    logins += 1
-            else:
+            if ev.kind != "login":
+                if ev.ip is None and ev.session and (ev.pattern, ev.session) not in by_session:
+                    unmatched += 1          # what _logout() says for a session it never saw open
+                    continue
                 outcome = logout(ev, ts)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                continue
+            known = cache.get(ev.ip) if ev.ip and not say else None
+            if known is None or known[1] is not None:
+                if login(ev, ts, say) is not None:
+                    logins += 1
+                continue
+            ip = known[0]
+            before = last.get(ip)
+            if before is None or before < ts:
+                last[ip] = ts
+            if ev.tracks_sessions:
+                session = ev.session
+                key: tuple = (ev.pattern, session) if session else (ev.pattern, None, next(seq))
+                sessions = opened.get(ip)
+                if sessions is None:
+                    sessions = opened[ip] = {}
+                sessions[key] = ts
+                if session:
+                    by_session[key] = ip
+            stamp = int(ts)
+            prev = writes.get(ip)
+            if prev is None or prev[0] < stamp:
+                writes[ip] = (stamp, "login")
+            dirty(ip)
+            logins += 1
         if logins:
             self.stats["logins"] += logins
+        if unmatched:
+            self.stats["unmatched_logouts"] += unmatched
         self.stats.update(outcomes)
 
     def _when(self, ev: Event, now: float, backlog: bool, since: Optional[float]) -> Optional[float]:
