@@ -199,3 +199,36 @@ def test_readback_restores_recent_logins_after_a_restart(tmp_path: Path) -> None
         w.stop()
         th.join(10)
         store.close()
+
+
+def test_a_block_of_events_counts_as_the_same_events_one_by_one(tmp_path: Path) -> None:
+    # handle_all() records known addresses without calling _login()/_logout(): the state and
+    # counters must be those of handle() for each event.
+    import random
+    rnd = random.Random(3)
+    now = time.time()
+    ips = ["192.0.2.%d" % i for i in range(1, 9)] + ["::ffff:192.0.2.3", "not-an-ip", "127.0.0.1", "2001:DB8::1"]
+    events = []
+    for i in range(3000):
+        ip = rnd.choice(ips)
+        kind = rnd.random()
+        if kind < 0.5:
+            session = rnd.choice([None, "s%d" % rnd.randrange(40)])
+            events.append(Event("login", rnd.choice(["dovecot", "courier"]), ip, now - rnd.randrange(600), session,
+                                "u", rnd.random() < 0.7))
+        elif kind < 0.8:
+            events.append(logout(session="s%d" % rnd.randrange(60), ts=now - rnd.randrange(600)))
+        else:
+            events.append(Event("logout", rnd.choice(["dovecot", "courier"]), ip, now, None, None, True))
+    skip = [parse_network("127.0.0.0/8")]
+    one, block = Tracker(None, 60, skip_networks=skip, write=False), Tracker(None, 60, skip_networks=skip, write=False)
+    for ev in events:
+        one.handle(ev, now)
+    for i in range(0, len(events), 500):
+        block.handle_all(events[i:i + 500], now)
+    assert block.stats == one.stats
+    assert block.stats["logins"] and block.stats["logouts"] and block.stats["unmatched_logouts"]
+    assert block.stats["invalid_ip"] and block.stats["skipped_local"]
+    assert block._last == one._last and block._writes == one._writes and block._by_session == one._by_session
+    assert {ip: len(s) for ip, s in block._open.items()} == {ip: len(s) for ip, s in one._open.items()}
+    assert block.next_due() == one.next_due()

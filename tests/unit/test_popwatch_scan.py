@@ -144,6 +144,44 @@ def test_regexes_that_cannot_be_combined_are_still_anchored_after_the_timestamp(
     assert [(e.ip, e.ts) for e in events] == [("192.0.2.9", time.mktime((2024, 11, 21, 18, 14, 14, 0, 0, -1)))]
 
 
+SHARED_ROOT = """\
+patterns:
+  - name: short
+    server: test
+    prefilter: ': ok '
+    regex: '\\S+ a\\[\\d+\\]: ok (?P<ip>\\S+)$'
+  - name: long
+    server: test
+    prefilter: ': ok from '
+    regex: '\\S+ b\\[\\d+\\]: ok from (?P<ip>\\S+)$'
+"""
+
+
+def test_lines_with_the_same_roots_still_check_a_longer_prefilter_each_time(tmp_path: Path) -> None:
+    # ": ok from " has ": ok " as its root: the rule a line's roots pick must not be cached
+    # as the only one, or "long" would never match after a "short" line (or the other way).
+    path = tmp_path / "pat.yaml"
+    path.write_text(SHARED_ROOT, encoding="utf-8")
+    m = Matcher(load_patterns(str(path)))
+    lines = [b"Nov 21 18:14:14 h a[1]: ok 192.0.2.1", b"Nov 21 18:14:14 h b[2]: ok from 192.0.2.2",
+             b"Nov 21 18:14:14 h b[3]: ok from 192.0.2.3", b"Nov 21 18:14:14 h a[4]: ok 192.0.2.4",
+             b"Nov 21 18:14:14 h a[5]: ok from 192.0.2.5", b"Nov 21 18:14:14 h c[6]: nothing here"]
+    want = [("short", "192.0.2.1"), ("long", "192.0.2.2"), ("long", "192.0.2.3"), ("short", "192.0.2.4")]
+    for block in (b"\n".join(lines) + b"\n", b"\r\n".join(lines) + b"\r\n", b"\0\0" + b"\n".join(lines) + b"\n"):
+        assert [(e.pattern, e.ip) for e in m.scan(block, NOW)] == want, block[:40]
+    # One line at a time, after the cache has seen both kinds: the same answers.
+    assert [(e.pattern, e.ip) for line in lines for e in m.scan(line + b"\n", NOW)] == want
+
+
+def test_two_roots_of_one_pass_on_one_line_both_count() -> None:
+    table = {b": Login: user=<": 1, b">: Logged out": 2, b" host=": 4}
+    plan = ScanPlan(table)
+    block = (b"Nov 21 18:14:14 x y>: Logged out: Login: user=<a> host=b\n"
+             b"Nov 21 18:14:14 x: Login: user=<a>\n"
+             b"Nov 21 18:14:14 x y>: Logged out\n")
+    assert sorted(plan_masks(plan, block).values()) == [1, 2, 7]
+
+
 # -- the tracker -----------------------------------------------------------------
 
 
