@@ -4,6 +4,7 @@ bulk reads of the map, writes held while catching up, cached address checks."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -357,3 +358,38 @@ def test_writes_are_held_while_catching_up_and_made_once_caught_up(tmp_path: Pat
         th.join(10)
     assert not th.is_alive()
 
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_collector_waits_while_a_burst_is_matched_and_is_back_after(tmp_path: Path, enabled_before: bool) -> None:
+    import gc
+    settings = Settings(logfiles=(str(tmp_path / "mail.log"),), dbfile=str(tmp_path / "relayers.db"), grace=3600,
+                        max_session=3600, skip_networks=(), readback=False, write=True, pattern_file="",
+                        patterns=("dovecot",))
+    w = Watcher(lambda: (settings, load_patterns(None, ["dovecot"])))
+    seen: list[bool] = []
+    real_scan = w.matcher.scan
+
+    def scan(block: bytes, now: float) -> list[Event]:
+        seen.append(gc.isenabled())
+        return real_scan(block, now)
+
+    w.matcher.scan = scan  # type: ignore[method-assign]
+    collecting = gc.isenabled()
+    try:
+        if not enabled_before:
+            gc.disable()
+        w._start()
+        appear(tmp_path, dovecot_line("192.0.2.7", time.time()))
+        w._step()
+        assert seen == [False]
+        assert gc.isenabled() is enabled_before          # as it was: never enabled by the watcher
+        assert w.store is not None and w.store.lookup("192.0.2.7") is not None
+    finally:
+        w.follower.close()
+        if w.store is not None:
+            w.store.close()
+        for fd in (w._rfd, w._wfd):
+            os.close(fd)
+        if collecting:
+            gc.enable()

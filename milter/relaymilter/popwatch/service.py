@@ -30,6 +30,7 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -191,15 +192,25 @@ class Watcher:
 
     def _step(self, read: bool = True, final: bool = False) -> None:
         chunks = self.follower.read() if read else []
-        now = time.time()
-        for c in chunks:
-            self._feed(c.data, now, c.backlog)
-        if final:
-            self.tracker.retry_now()
-        if final or not self.follower.behind or time.monotonic() - self._flushed >= HOLD_WRITES:
-            self.tracker.flush(time.time())
-            self._flushed = time.monotonic()
-        self.tracker.expire(time.time())
+        # A burst makes hundreds of thousands of short-lived objects (matches, events, heap
+        # entries) and no cycles; the collector would otherwise run hundreds of times over the
+        # tracker's long-lived tables (8% of a flood's time). It runs once the step is done.
+        collecting = gc.isenabled()
+        if chunks and collecting:
+            gc.disable()
+        try:
+            now = time.time()
+            for c in chunks:
+                self._feed(c.data, now, c.backlog)
+            if final:
+                self.tracker.retry_now()
+            if final or not self.follower.behind or time.monotonic() - self._flushed >= HOLD_WRITES:
+                self.tracker.flush(time.time())
+                self._flushed = time.monotonic()
+            self.tracker.expire(time.time())
+        finally:
+            if collecting:
+                gc.enable()
         if chunks or final or self._stop.is_set():
             return
         nxt = self.tracker.next_due()
