@@ -9,7 +9,9 @@ DESCRIPTION
     Speed: most mail log lines are not logins, so no Python code runs for
     them: a ScanPlan (scanplan.py) finds the lines holding a prefilter in a
     few C-level passes over the block and says which rules may match each.
-    Only those lines are cut out. A rule's regex is compiled once together
+    Only those lines are cut out (by map/slice calls over all of them at
+    once), and a line's rule is one dict lookup by the roots found on it
+    when no longer prefilter is left to check. A rule's regex is compiled once together
     with the leading-timestamp alternatives (taken atomically, so the rule
     is still anchored right after the timestamp), so trying a rule is one
     regex call; a matched line's timestamp is parsed only then (and cached

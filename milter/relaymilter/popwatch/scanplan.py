@@ -29,6 +29,10 @@ DESCRIPTION
     are then known from its roots; a prefilter longer than its root is
     checked with bytes.find on that one line.
 
+    The found places become line starts by C calls over a whole pass at
+    once (map over the matches, rfind, dict.fromkeys/zip): no Python code
+    runs per found line unless two roots of a pass share it.
+
 DIAGNOSTICS
     None: the plan is built from already checked prefilters.
 """

@@ -16,6 +16,8 @@ DESCRIPTION
     says more is waiting, writes are held for up to HOLD_WRITES seconds and
     made together, so an address seen in many bursts is written once per
     hold instead of once per burst, and the map is synced far less often.
+    The garbage collector is held off during a step (a flood makes many
+    short-lived objects and no cycles) and runs after it.
 
     Signals (when run() installs them, i.e. in the main thread): SIGHUP
     reloads the configuration and patterns (a bad new file is logged and the
