@@ -3,6 +3,7 @@ clock, entries written by others, logout tracking, read-back, bad input."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -201,10 +202,12 @@ def test_readback_restores_recent_logins_after_a_restart(tmp_path: Path) -> None
         store.close()
 
 
-def test_a_block_of_events_counts_as_the_same_events_one_by_one(tmp_path: Path) -> None:
-    # handle_all() records known addresses without calling _login()/_logout(): the state and
-    # counters must be those of handle() for each event.
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
+def test_a_block_of_events_counts_as_the_same_events_one_by_one(level: int, caplog: pytest.LogCaptureFixture) -> None:
+    # handle_all() keeps its counts in locals and records a known address without a call:
+    # state and counters must be those of the events handled one at a time.
     import random
+    caplog.set_level(level, logger="relaymilter.popwatch")
     rnd = random.Random(3)
     now = time.time()
     ips = ["192.0.2.%d" % i for i in range(1, 9)] + ["::ffff:192.0.2.3", "not-an-ip", "127.0.0.1", "2001:DB8::1"]
@@ -232,3 +235,5 @@ def test_a_block_of_events_counts_as_the_same_events_one_by_one(tmp_path: Path) 
     assert block._last == one._last and block._writes == one._writes and block._by_session == one._by_session
     assert {ip: len(s) for ip, s in block._open.items()} == {ip: len(s) for ip, s in one._open.items()}
     assert block.next_due() == one.next_due()
+    said = sum(1 for r in caplog.records if r.getMessage().startswith("login from"))
+    assert said == (2 * one.stats["logins"] if level == logging.INFO else 0)

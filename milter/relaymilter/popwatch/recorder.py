@@ -113,25 +113,20 @@ class Tracker:
 
     def handle(self, ev: Event, now: float, backlog: bool = False, since: Optional[float] = None) -> Optional[str]:
         """Record one event; for a login, the canonical address recorded (else None)."""
-        ts = self._when(ev, now, backlog, since)
-        if ts is None:
+        logins = self.stats["logins"]
+        self.handle_all((ev,), now, backlog, since)
+        if self.stats["logins"] == logins:
             return None
-        if ev.kind == "login":
-            ip = self._login(ev, ts, log.isEnabledFor(logging.INFO))
-            if ip is not None:
-                self.stats["logins"] += 1
-            return ip
-        self.stats[self._logout(ev, ts)] += 1
-        return None
+        return self._addresses.classify(ev.ip or "")[0]
 
     def handle_all(self, events: Iterable[Event], now: float, backlog: bool = False,
                    since: Optional[float] = None) -> None:
         """handle() each of *events* (what the watcher does with a block's events)."""
         say = log.isEnabledFor(logging.INFO)
-        when, login, logout = self._when, self._login, self._logout
+        when, logout, canonical = self._when, self._logout, self.canonical
         live = not backlog and since is None
-        # What _login() does for a known, recordable address, spelled out below (no call,
-        # locals for the tables): a POP server's clients log in again and again.
+        # Locals for the tables, no call per login of a known address: a POP server's
+        # clients log in again and again.
         cache = self._addresses.cache
         last, opened, by_session, writes = self._last, self._open, self._by_session, self._writes
         dirty = self._dirty.add
@@ -156,12 +151,13 @@ class Tracker:
                 outcome = logout(ev, ts)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 continue
-            known = cache.get(ev.ip) if ev.ip and not say else None
-            if known is None or known[1] is not None:
-                if login(ev, ts, say) is not None:
-                    logins += 1
-                continue
-            ip = known[0]
+            known = cache.get(ev.ip) if ev.ip else None
+            if known is not None and known[1] is None:
+                ip = known[0]
+            else:
+                ip = canonical(ev.ip)       # checked, cached and counted there
+                if ip is None:
+                    continue
             before = last.get(ip)
             if before is None or before < ts:
                 last[ip] = ts
@@ -180,6 +176,8 @@ class Tracker:
                 writes[ip] = (stamp, "login")
             dirty(ip)
             logins += 1
+            if say:
+                log.info("login from %s (%s%s%s)", ip, ev.pattern, ", user " if ev.user else "", ev.user or "")
         if logins:
             self.stats["logins"] += logins
         if unmatched:
@@ -201,28 +199,6 @@ class Tracker:
             self.stats["too_old"] += 1
             return None
         return ts
-
-    def _login(self, ev: Event, ts: float, say: bool) -> Optional[str]:
-        known = self._addresses.cache.get(ev.ip or "")
-        ip = known[0] if known is not None and known[1] is None else self.canonical(ev.ip)
-        if ip is None:
-            return None
-        last = self._last.get(ip)
-        if last is None or last < ts:
-            self._last[ip] = ts
-        if ev.tracks_sessions:
-            key: tuple = (ev.pattern, ev.session) if ev.session else (ev.pattern, None, next(self._seq))
-            self._open.setdefault(ip, {})[key] = ts
-            if ev.session:
-                self._by_session[(ev.pattern, ev.session)] = ip
-        stamp = int(ts)
-        prev = self._writes.get(ip)
-        if prev is None or prev[0] < stamp:
-            self._writes[ip] = (stamp, "login")
-        self._dirty.add(ip)
-        if say:
-            log.info("login from %s (%s%s%s)", ip, ev.pattern, ", user " if ev.user else "", ev.user or "")
-        return ip
 
     def _logout(self, ev: Event, ts: float) -> str:
         """Close a session; the counter saying how it went (logouts, unmatched_logouts, invalid_ip)."""
