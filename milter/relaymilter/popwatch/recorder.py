@@ -319,10 +319,19 @@ class Tracker:
         heapq.heappush(self._heap, (self._due(ip), ip))
 
     def _settle(self) -> None:
-        # Addresses seen since the last call get one heap entry each, not one per login.
+        # Addresses seen since the last call get one heap entry each, not one per login;
+        # the due time as _due() computes it, with locals (a flood dirties thousands).
+        last, opened, grace, max_session = self._last, self._open, self.grace, self.max_session
+        heap, push = self._heap, heapq.heappush
         for ip in self._dirty:
-            if ip in self._last:
-                self._schedule(ip)
+            when = last.get(ip)
+            if when is None:
+                continue
+            due = when + grace
+            sessions = opened.get(ip)
+            if sessions:
+                due = max(due, max(sessions.values()) + max_session)
+            push(heap, (due, ip))
         self._dirty.clear()
 
     def next_due(self) -> Optional[float]:
