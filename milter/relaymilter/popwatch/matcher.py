@@ -46,7 +46,6 @@ from relaymilter.popwatch.timestamps import LEAD_TEXT, TimestampParser
 PENDING_MAX = 10000
 LEAD_GROUP = "_lead"        # not a name patterns may use (see patterns.GROUPS)
 _EVENT_KINDS = ("login", "logout")
-_UNKNOWN = object()
 # A regex that refers to groups by number must not get a group in front of its own,
 # and one that starts with global inline flags ("(?i)...") must keep them first.
 _KEEP_ALONE = re.compile(rb"\\[1-9]|\(\?\(\d|^\(\?[aiLmsux]+\)")
@@ -174,8 +173,9 @@ class Matcher:
                     self._try_mask(plan.mask_of(cleaned, roots), cleaned, now, events)
                     continue
             # roots -> the one rule to try, when the roots alone say so (the common case).
-            c = fast.get(roots, _UNKNOWN)
-            if c is _UNKNOWN:
+            try:
+                c = fast[roots]
+            except KeyError:
                 c = self._fast_for(roots)
             if c is None:
                 mask, longer = plan.resolve(roots)

@@ -152,12 +152,10 @@ class Tracker:
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 continue
             known = cache.get(ev.ip) if ev.ip else None
-            if known is not None and known[1] is None:
-                ip = known[0]
-            else:
-                ip = canonical(ev.ip)       # checked, cached and counted there
-                if ip is None:
-                    continue
+            # An address not seen yet, or not to be recorded: checked (cached) and counted there.
+            ip = known[0] if known is not None and known[1] is None else canonical(ev.ip)
+            if ip is None:
+                continue
             before = last.get(ip)
             if before is None or before < ts:
                 last[ip] = ts

@@ -106,10 +106,10 @@ class ScanPlan:
             if not found:
                 continue
             starts = list(map(_ONE.__add__, map(rfind, repeat(b"\n"), repeat(0), map(_START, found))))
-            if bits.__class__ is int:
+            if isinstance(bits, int):
                 got = dict.fromkeys(starts, bits)
             else:
-                values = list(map(bits.__getitem__, map(_GROUP, found, repeat(1))))  # type: ignore[union-attr]
+                values = list(map(bits.__getitem__, map(_GROUP, found, repeat(1))))
                 got = dict(zip(starts, values))
                 if len(got) < len(starts):
                     # Two roots of this pass on one line: both count.
