@@ -11,11 +11,12 @@ DESCRIPTION
     few C-level passes over the block and says which rules may match each.
     Only those lines are cut out (by map/slice calls over all of them at
     once), and a line's rule is one dict lookup by the roots found on it
-    when no longer prefilter is left to check. A rule's regex is compiled once together
-    with the leading-timestamp alternatives (taken atomically, so the rule
-    is still anchored right after the timestamp), so trying a rule is one
-    regex call; a matched line's timestamp is parsed only then (and cached
-    by its text). Rules without a prefilter fall back to a per-line loop.
+    when no longer prefilter is left to check. A rule's regex is compiled
+    once together with the leading-timestamp alternatives (taken atomically,
+    so the rule is still anchored right after the timestamp), so trying a
+    rule is one regex call; a matched line's timestamp is parsed only then
+    (and cached by its text). Rules without a prefilter fall back to a
+    per-line loop.
 
     Two-line logins (pending/confirm by process id) keep a bounded table of
     pending addresses; a cancel line (a failure) drops the entry.
@@ -208,16 +209,8 @@ class Matcher:
         return c
 
     def _try_mask(self, mask: int, line: bytes, now: float, events: list[Event]) -> None:
-        if not mask:
-            return
-        try:
-            c = self._single[mask]
-        except KeyError:
-            c = self._single_for(mask)
-        if c is None:
-            self._try(self._rules_by_mask[mask], line, now, events)
-        else:
-            self._try((c,), line, now, events)
+        if mask:
+            self._try(self._rules_by_mask.get(mask) or self._rules_for(mask), line, now, events)
 
     def _scan_each(self, block: bytes, now: float) -> list[Event]:
         events: list[Event] = []
