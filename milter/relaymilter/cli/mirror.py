@@ -48,6 +48,7 @@ from typing import Any, Optional, Sequence
 from redis import exceptions as rexc
 
 from relaymilter import __version__
+from relaymilter.cli.common import stderr_logging
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.store.redis import RedisRelayStore
@@ -231,15 +232,6 @@ def serve(mirror: Mirror, interval: float, notify: bool, stop: threading.Event, 
             feed.close()
 
 
-def _logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s " + PROG + ": %(levelname)s: %(message)s"))
-    root = logging.getLogger("relaymilter")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     err = sys.stderr
     try:
@@ -252,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not opts.source.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         err.write("%s: error: --from must be a redis://, rediss://, unix:// or redis+sentinel:// URL\n" % PROG)
         return 2
-    _logging(opts.debug)
+    stderr_logging(PROG, opts.debug)
     try:
         source = open_relay_store(opts.source)
     except ConfigError as exc:

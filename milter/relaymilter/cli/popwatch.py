@@ -45,6 +45,7 @@ import time
 from typing import Optional, Sequence, TextIO
 
 from relaymilter import __version__
+from relaymilter.cli.common import stderr_logging
 from relaymilter.config import load_config
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.popwatch.matcher import Matcher
@@ -170,15 +171,6 @@ def run_test(path: str, s: Settings, patterns: PatternSet, out: TextIO) -> int:
     return 0
 
 
-def _logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s " + PROG + ": %(levelname)s: %(message)s"))
-    root = logging.getLogger("relaymilter")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
@@ -199,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if opts.test:
             logging.getLogger("relaymilter").setLevel(logging.ERROR)
             return run_test(opts.test, settings, patterns, out)
-        _logging(opts.debug)
+        stderr_logging(PROG, opts.debug)
         log = logging.getLogger("relaymilter.popwatch")
         if opts.flock is False:
             log.info("--noflock ignored: the relayers map is always locked (sendmail and Postfix rely on it)")
