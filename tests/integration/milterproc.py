@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
@@ -143,3 +144,44 @@ class MilterProcess:
         self.proc.wait(10)
         self.logfile.close()
         self.proc = None
+
+
+class ToolProcess:
+    """A relaymilter command run in the background (popwatch, mirror), stderr collected, stopped by PID."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM by PID, bounded wait, SIGKILL if it hangs; the exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode

@@ -11,11 +11,9 @@ does; after the grace period the entries are gone again.
 from __future__ import annotations
 
 import poplib
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +23,7 @@ import pytest
 from relaymilter.store.bdb import read_items
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from milterproc import ToolProcess  # noqa: E402
 from dovecot import PASSWORD, USER, DovecotServer, imap_from, pop3_from  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -41,39 +40,6 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None
     raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
-class Popwatch:
-    """relaymilter-popwatch as a child process, its stderr collected by a thread."""
-
-    def __init__(self, args: list[str]) -> None:
-        exe = shutil.which("relaymilter-popwatch")
-        cmd = [exe] if exe else [sys.executable, "-m", "relaymilter.cli.popwatch"]
-        self.proc = subprocess.Popen(cmd + args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise
-        self._reader.join(5)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def dovecot() -> Iterator[DovecotServer]:
     server = DovecotServer()
@@ -85,7 +51,7 @@ def dovecot() -> Iterator[DovecotServer]:
 
 
 @pytest.fixture
-def popwatch(dovecot: DovecotServer, tmp_path: Path) -> Iterator[tuple[Popwatch, Path]]:
+def popwatch(dovecot: DovecotServer, tmp_path: Path) -> Iterator[tuple[ToolProcess, Path]]:
     db = tmp_path / "relayers.db"
     cfg = tmp_path / "relaymilter.yaml"
     cfg.write_text(
@@ -95,7 +61,7 @@ def popwatch(dovecot: DovecotServer, tmp_path: Path) -> Iterator[tuple[Popwatch,
         "  grace: %d\n"
         "  skip_networks: [127.0.0.1/32]\n" % (db, dovecot.log_path, GRACE),
         encoding="utf-8")
-    pw = Popwatch(["-c", str(cfg)])
+    pw = ToolProcess(["relaymilter-popwatch", "-c", str(cfg)])
     try:
         wait_for("popwatch to start following", lambda: pw.said("following ") or pw.proc.poll() is not None)
         assert pw.proc.poll() is None, "\n".join(pw.lines)
