@@ -118,12 +118,6 @@ class Mapping:
             raise self.err(key, "must be a whole number >= %d%s" % (minimum, " or null" if nullable else ""))
         return v
 
-    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
-        v = self.value(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < minimum:
-            raise self.err(key, "must be a number >= %g" % minimum)
-        return float(v)
-
     def str_list(self, key: str, default: Iterable[str] = (), check: Optional[Callable[[str], Any]] = None) -> list[Any]:
         """A list of strings (a single string is accepted as a one-item list)."""
         node = self.node_of(key)

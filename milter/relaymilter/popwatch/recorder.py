@@ -242,10 +242,6 @@ class Tracker:
         """Forget the back-off after a store error (the final flush before exit tries once more)."""
         self._retry_at = 0.0
 
-    @property
-    def pending(self) -> int:
-        return len(self._writes)
-
     def flush(self, now: float) -> list[tuple[str, int]]:
         """Write the queued logins in one locked update; what was written."""
         if not self._writes or now < self._retry_at:
