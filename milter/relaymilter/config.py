@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from relaymilter.errors import ConfigError
-from relaymilter.ipaddr import parse_ip
+from relaymilter.policy.address import BadAddress
+from relaymilter.policy.address import normalize_domain as policy_normalize_domain
 from relaymilter.yamlcheck import Mapping, compose_file, where
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -41,7 +42,6 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 SYSTEM_CONFIG = "/etc/relaymilter/relaymilter.yaml"
 DEFAULT_SOCKET = "inet:8894@127.0.0.1"
 SOCKET_RE = re.compile(r"^(?:inet:\d{1,5}(?:@\S+)?|inet6:\d{1,5}(?:@\S+)?|(?:unix|local):/\S+)$")
-DOMAIN_RE = re.compile(r"^(?:\[[0-9a-f:.ipv6]+\]|[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?)$")
 PREFIX_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){0,3}$")
 
 TOP_KEYS = (
@@ -131,19 +131,12 @@ def find_config(explicit: Optional[str] = None) -> str:
 
 
 def normalize_domain(text: str) -> str:
-    """A domain or [literal] as the policy compares it: lowercase, no trailing dot."""
-    d = text.strip().lower().rstrip(".")
-    if d.startswith("[") and d.endswith("]"):
-        inner = d[1:-1]
-        v6 = inner.startswith("ipv6:")
-        try:
-            addr = parse_ip(inner[5:] if v6 else inner)
-        except ValueError:
-            raise ValueError("bad address literal %r" % text) from None
-        return "[ipv6:%s]" % addr if addr.version == 6 else "[%s]" % addr
-    if not d or len(d) > 253 or not DOMAIN_RE.match(d) or ".." in d:
-        raise ValueError("bad domain name %r" % text)
-    return d
+    """A domain or [literal] as the policy compares it (the policy's own normaliser, so both agree)."""
+    try:
+        return policy_normalize_domain(text)
+    except BadAddress:
+        what = "bad address literal" if text.strip().startswith("[") else "bad domain name"
+        raise ValueError("%s %r" % (what, text)) from None
 
 
 def parse_network(text: str) -> Network:
