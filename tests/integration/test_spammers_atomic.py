@@ -36,7 +36,7 @@ from relaymilter.errors import StoreUnavailable
 from relaymilter.store.bdb import MapReader
 from relaymilter.store.spammers import SpammersMap
 
-path, probes_file, stop_file, ready_file, out_file = sys.argv[1:6]
+path, probes_file, stop_file, ready_file, out_file, seen_file = sys.argv[1:7]
 with open(probes_file) as fh:
     probes = fh.read().split()
 smap, live = SpammersMap(path), MapReader(path, "spammers")
@@ -56,7 +56,11 @@ while not os.path.exists(stop_file) and time.monotonic() < deadline:
         lookups += 2
     size = len(smap)
     sizes[size] = sizes.get(size, 0) + 1
-    changes += last is not None and size != last
+    if last is not None and size != last:
+        changes += 1
+        with open(seen_file + ".tmp", "w") as fh:
+            fh.write(str(changes))
+        os.replace(seen_file + ".tmp", seen_file)
     last = size
     rounds += 1
     if rounds == 1:
@@ -76,6 +80,13 @@ def wait_for(path, proc, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def changes_seen(path) -> int:
+    try:
+        return int(path.read_text())
+    except FileNotFoundError:
+        return 0
+
+
 def test_readers_never_see_a_partial_map(tmp_path):
     base = ["user%d@host%d.spam%d.example" % (i, i % 977, i % 13) if i % 3 else "host%d.bulk%d.example" % (i, i % 7)
             for i in range(ENTRIES)]
@@ -93,8 +104,9 @@ def test_readers_never_see_a_partial_map(tmp_path):
     write_db(str(db), parsed["a"])
 
     stop, ready, out = tmp_path / "stop", tmp_path / "ready", tmp_path / "result.json"
+    seen = tmp_path / "seen"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(db), str(tmp_path / "probes"),
-                               str(stop), str(ready), str(out)],
+                               str(stop), str(ready), str(out), str(seen)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
     try:
@@ -105,6 +117,13 @@ def test_readers_never_see_a_partial_map(tmp_path):
                 assert main(["-f", str(sources[name]), "-o", str(db)]) == 0
             else:
                 write_db(str(db), parsed[name])
+            # Each rebuild swaps the list; the next one starts only once the
+            # reader has seen this swap, so it watches every one of them.
+            deadline = time.monotonic() + 60
+            while changes_seen(seen) < i + 1:
+                assert reader.poll() is None, "reader exited early: %s" % reader.stderr.read()
+                assert time.monotonic() < deadline, "reader did not see rebuild %d within 60s" % (i + 1)
+                time.sleep(0.005)
         stop.touch()
         reader.wait(60)
     finally:
@@ -120,5 +139,5 @@ def test_readers_never_see_a_partial_map(tmp_path):
     assert (result["n_errors"], result["errors"]) == (0, [])
     assert {int(s) for s in result["sizes"]} <= sizes
     # The reader really watched the swaps, not one list all along.
-    assert result["changes"] >= 10 and len(result["sizes"]) == 2
+    assert result["changes"] == REBUILDS and len(result["sizes"]) == 2
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
