@@ -53,7 +53,8 @@ from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.mail import check_keys, mail_plan
+from relaymilter.policy.mail import SPAMMERS_UNAVAILABLE, check_keys, mail_plan
+from relaymilter.policy.tokens import ascii_lower
 from relaymilter.policy.rcpt import Client, ClientRules, Destination, RcptPolicy, destination
 from relaymilter.replies import Reply
 from relaymilter.store.relayers import RelayStore, open_relay_store
@@ -94,6 +95,22 @@ class Runtime:
         # too: memoised here, dropped with the Runtime on reload.
         self.rcpt_memo: dict[str, tuple[Destination, str]] = {}
         self.sender_memo: dict[str, tuple[str, ...] | Decision] = {}
+        self.client_memo: dict[str, tuple[Client, ClientRules, str]] = {}
+
+    def client(self, raw: str) -> tuple[Client, ClientRules, str]:
+        """The Client for libmilter's address text, its rules before AUTH and "[addr]", memoised."""
+        try:
+            addr = normalize_ip(raw)
+        except ValueError:
+            addr = raw      # never None: no address at all would count as a local submission
+        client = Client(addr)
+        value = (client, ClientRules(self.policy, client), "[%s]" % addr)
+        if len(raw) <= MEMO_KEY_MAX:
+            memo = self.client_memo
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[raw] = value
+        return value
 
     def destination(self, rcpt: str) -> tuple[Destination, str]:
         """policy.rcpt.destination() for *rcpt* and its log detail, memoised."""
@@ -109,6 +126,8 @@ class Runtime:
     def mail_plan(self, sender: str) -> tuple[str, ...] | Decision:
         """policy.mail.mail_plan() for *sender*, memoised (the lookups are not)."""
         plan = mail_plan(sender)
+        if type(plan) is tuple:     # spammers.db keys are ASCII-lowercased (SpammersMap.members)
+            plan = tuple(ascii_lower(key) for key in plan)
         if len(sender) <= MEMO_KEY_MAX:
             memo = self.sender_memo
             if len(memo) >= MEMO_MAX:
@@ -143,10 +162,14 @@ MEMO_MAX = 4096
 MEMO_KEY_MAX = 320
 
 _CONTINUE = Milter.CONTINUE
+_NOREPLY = Milter.NOREPLY
+_NR_CONN = Milter.P_NR_CONN
 _REJECT = Milter.REJECT
 _TEMPFAIL = Milter.TEMPFAIL
 _INTERNAL = TempFail(replies.INTERNAL_ERROR, "internal_error")
 _NO_CLIENT = Client(None)
+_AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
 
 
 def _brackets(addr: str) -> str:
@@ -203,22 +226,25 @@ class RelayMilter(Milter.Base):
 
     @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        return self.on_connect(hostname, family, hostaddr)
+
+    def on_connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         # No reply is sent for connect (P_NR_CONN): a failure here is kept
         # and answered at MAIL and RCPT instead, so it is never lost.
         try:
-            if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-                raw = str(hostaddr[0])
-                try:
-                    addr: Optional[str] = normalize_ip(raw)
-                except ValueError:
-                    addr = raw      # never None: no address at all would count as a local submission
-                name = hostname.strip("[]") if hostname and not hostname.startswith("[") else ""
-                self.client_text = "%s[%s]" % (name, addr)
+            if (family == _AF_INET or family == _AF_INET6) and hostaddr:
+                raw = hostaddr[0]
+                rt = self.rt
+                entry = rt.client_memo.get(raw) if type(raw) is str else None
+                if entry is None:
+                    entry = rt.client(str(raw))
+                self.client, self.rules, text = entry
+                self.client_text = text if not hostname or hostname[0] == "[" else hostname.strip("[]") + text
             else:
-                addr = None         # local submission (sendmail -bs): empty {client_addr}, as sendmail treats it
+                # Local submission (sendmail -bs): empty {client_addr}, as sendmail treats it.
+                self.client = _NO_CLIENT
+                self.rules = None
                 self.client_text = "local"
-            self.client = Client(addr)
-            self.rules = None
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             self.broken = True
             log.exception("%06X: internal error in connect from %s; MAIL and RCPT will get %s",
@@ -264,7 +290,15 @@ class RelayMilter(Milter.Base):
             plan = rt.sender_memo.get(sender)
             if plan is None:
                 plan = rt.mail_plan(sender)
-            decision = check_keys(plan, rt.spammers.snapshot()) if type(plan) is tuple else plan
+            if type(plan) is tuple:
+                try:
+                    listed = rt.spammers.members()
+                except StoreUnavailable:
+                    decision = SPAMMERS_UNAVAILABLE
+                else:
+                    decision = check_keys(plan, listed.__contains__)
+            else:
+                decision = plan
             self._log("MAIL", decision, sender, None, "sasl_username=%s " % auth if auth else "")
             if type(decision) is Continue:
                 return _CONTINUE
@@ -331,11 +365,64 @@ _REFUSE_MAIL = "%06X: %s: %s from %s: %s %s %s: %s; from=%s %srule=%s"
 _REFUSE_RCPT = "%06X: %s: %s from %s: %s %s %s: %s; from=%s to=%s %srule=%s"
 
 
+def callbacks(holder: RuntimeHolder) -> dict[str, Any]:
+    """The functions run() registers with pymilter's C module, by step name.
+
+    Each is one Python call per milter step: the connection's RelayMilter
+    is the context's private object, created at negotiation.
+    """
+
+    def negotiate(ctx: Any, opts: list[int]) -> int:
+        m = RelayMilter(holder)
+        m._setctx(ctx)
+        return m.negotiate(opts)
+
+    def connect(ctx: Any, hostname: str, family: int, hostaddr: Any) -> int:
+        m = ctx.getpriv()
+        if not m:               # an MTA that skipped negotiation
+            m = RelayMilter(holder)
+            m._setctx(ctx)
+        m.on_connect(hostname, family, hostaddr)
+        return _NOREPLY if m._protocol & _NR_CONN else _CONTINUE
+
+    def envfrom(ctx: Any, mailfrom: bytes, *esmtp: bytes) -> int:
+        return ctx.getpriv()._mail(mailfrom.decode("utf-8", "surrogateescape"))
+
+    def envrcpt(ctx: Any, to: bytes, *esmtp: bytes) -> int:
+        return ctx.getpriv()._rcpt(to.decode("utf-8", "surrogateescape"))
+
+    def close(ctx: Any) -> int:
+        m = ctx.getpriv()
+        if m:
+            m._ctx = None       # the context and this object refer to each other
+        return _CONTINUE
+
+    return {"negotiate": negotiate, "connect": connect, "envfrom": envfrom, "envrcpt": envrcpt, "close": close}
+
+
 def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> None:
-    """Serve the milter protocol on *socket_spec* until libmilter stops (blocks)."""
-    Milter.factory = lambda: RelayMilter(holder)
-    Milter.set_exception_policy(Milter.TEMPFAIL)
-    Milter.runmilter(name, socket_spec, timeout=600)
+    """Serve the milter protocol on *socket_spec* until libmilter stops (blocks).
+
+    Registers with pymilter's C module directly rather than through
+    Milter.runmilter: only the steps relaymilter uses get a Python callback,
+    so ABORT (sent after every transaction) never takes the GIL, and each
+    step is one Python call instead of a lambda and a method wrapper.
+    Negotiation is Milter.Base's (RelayMilter.negotiate), so the MTA never
+    sends the steps declined there.
+    """
+    import milter as _milter  # pymilter's C extension
+
+    funcs = callbacks(holder)
+    for step in ("helo", "header", "eoh", "body", "eom", "abort"):
+        getattr(_milter, "set_%s_callback" % step)(None)
+    for step in ("connect", "envfrom", "envrcpt", "close"):
+        getattr(_milter, "set_%s_callback" % step)(funcs[step])
+    _milter.set_exception_policy(_TEMPFAIL)
+    _milter.setconn(socket_spec)
+    _milter.settimeout(600)
+    _milter.register(name, negotiate=funcs["negotiate"], data=None, unknown=None)
+    _milter.opensocket(True)
+    _milter.main()
 
 
 def stop() -> None:

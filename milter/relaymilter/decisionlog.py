@@ -60,11 +60,20 @@ def _stamp(t: float, cache: dict[int, str]) -> str:
 def stream_sink(fd: int, name: str = "relaymilter") -> Sink:
     """Write lines to a file descriptor (stderr) in the logging module's stderr format."""
     cache: dict[int, str] = {}
+    last = [-1, ""]         # the millisecond last stamped and its "time prefix" text
 
     def write(lines: Sequence[tuple[float, str]]) -> None:
         prefix = " %s[%d]: " % (name, os.getpid())
-        data = "".join("%s%s%s\n" % (_stamp(t, cache), prefix, msg) for t, msg in lines)
-        view = memoryview(data.encode("utf-8", "backslashreplace"))
+        out = []
+        ms, head = last
+        for t, msg in lines:
+            if int(t * 1000) != ms:     # lines come many to a millisecond: stamp each one once
+                ms = int(t * 1000)
+                head = _stamp(t, cache) + prefix
+            out.append(head + msg)
+        last[:] = ms, head
+        out.append("")
+        view = memoryview("\n".join(out).encode("utf-8", "backslashreplace"))
         while view:
             done = os.write(fd, view)
             view = view[done:]
@@ -95,6 +104,13 @@ def logging_sink(logger: logging.Logger) -> Sink:
     return write
 
 
+def _render(fmt: str, args: tuple) -> str:
+    try:
+        return fmt % args
+    except (TypeError, ValueError) as exc:
+        return "unformattable log line %r %% %r: %s" % (fmt, args, exc)
+
+
 class DecisionLog:
     """Queue decision lines; a background thread formats and writes them in batches."""
 
@@ -114,8 +130,9 @@ class DecisionLog:
     def log(self, fmt: str, *args: object) -> None:
         """Queue one line (``fmt % args`` is done later, off the callback's path)."""
         if self.enabled:
-            self._queue.append((time.time(), fmt, args))
-            if len(self._queue) >= WAKE_AT:
+            queue = self._queue
+            queue.append((time.time(), fmt, args))
+            if len(queue) == WAKE_AT:     # once per batch; a missed wake-up waits one INTERVAL
                 self._wake.set()
 
     def flush(self, pause: float = 0.0) -> None:
@@ -126,14 +143,13 @@ class DecisionLog:
         waits for one chunk (tens of microseconds), never for a whole batch.
         """
         queue = self._queue
+        popleft = queue.popleft
         while queue:
-            batch = []
-            while queue and len(batch) < CHUNK:
-                t, fmt, args = queue.popleft()
-                try:
-                    batch.append((t, fmt % args))
-                except (TypeError, ValueError) as exc:
-                    batch.append((t, "unformattable log line %r %% %r: %s" % (fmt, args, exc)))
+            entries = [popleft() for _ in range(min(CHUNK, len(queue)))]
+            try:
+                batch = [(t, fmt % args) for t, fmt, args in entries]
+            except (TypeError, ValueError):
+                batch = [(t, _render(fmt, args)) for t, fmt, args in entries]
             if self._sink is not None:
                 try:
                     self._sink(batch)

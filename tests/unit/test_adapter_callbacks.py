@@ -198,3 +198,76 @@ def test_replies_need_no_percent_escaping():
     # _set_reply bypasses Base.setreply's '%' check: every reply must be free of '%'.
     table = [v for v in vars(replies).values() if isinstance(v, replies.Reply)]
     assert table and all("%" not in r.text for r in table)
+
+
+class PrivContext(Context):
+    """As libmilter's context through pymilter's C module: it also holds the connection's object."""
+
+    def __init__(self, macros: dict | None = None) -> None:
+        super().__init__(macros)
+        self.priv = None
+
+    def getpriv(self):
+        return self.priv
+
+    def setpriv(self, priv) -> None:
+        self.priv = priv
+
+
+def test_registered_callbacks_run_a_session(setup):
+    holder, store, lines, _ = setup
+    funcs = adapter.callbacks(holder)
+    assert set(funcs) == {"negotiate", "connect", "envfrom", "envrcpt", "close"}     # no abort, helo, eom...
+    ctx = PrivContext()
+    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+    assert funcs["negotiate"](ctx, opts) == Milter.CONTINUE and opts[1] & Milter.P_NR_CONN
+    m = ctx.priv
+    assert isinstance(m, adapter.RelayMilter) and m._ctx is ctx
+    assert funcs["connect"](ctx, "client.example", socket.AF_INET, ("192.0.2.20", 4000)) == Milter.NOREPLY
+    assert funcs["envfrom"](ctx, b"<a@example.net>", b"SIZE=10") == Milter.CONTINUE
+    assert funcs["envrcpt"](ctx, b"<bob@local.test>") == Milter.CONTINUE
+    assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.REJECT
+    store.add({"192.0.2.20": int(time.time())})
+    assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.CONTINUE
+    assert funcs["envrcpt"](ctx, b"<j\xf6rg@remote.example>") == Milter.CONTINUE     # not UTF-8: decoded, decided
+    assert ctx.replies == [("550", "5.7.1", "Relaying denied")]
+    assert funcs["close"](ctx) == Milter.CONTINUE
+    assert m._ctx is None           # the context/object cycle is broken, so refcounting frees both
+    holder.decisions.flush()
+    assert [line.split(": ", 2)[1] for line in lines] == ["pass", "pass", "reject", "pass", "pass"]
+    assert "from client.example[192.0.2.20]" in lines[0]
+
+
+def test_connect_without_negotiation_gets_a_reply(setup):
+    holder, _, _, _ = setup
+    funcs = adapter.callbacks(holder)
+    ctx = PrivContext()
+    # An MTA that skipped option negotiation expects a reply to connect.
+    assert funcs["connect"](ctx, "[192.0.2.21]", socket.AF_INET, ("192.0.2.21", 4000)) == Milter.CONTINUE
+    assert funcs["envfrom"](ctx, b"<a@example.net>") == Milter.CONTINUE
+    assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.REJECT
+    assert funcs["close"](PrivContext()) == Milter.CONTINUE      # close before anything else: nothing to do
+
+
+def test_clients_are_memoised_per_address_and_bounded(setup, monkeypatch):
+    holder, _, _, _ = setup
+    rt = holder.current
+    m1, _ = open_conn(holder, "192.0.2.30")
+    m2, _ = open_conn(holder, "192.0.2.30", hostname="named.example")
+    assert m1.client is m2.client and m1.rules is m2.rules
+    assert (m1.client_text, m2.client_text) == ("[192.0.2.30]", "named.example[192.0.2.30]")
+    m3 = adapter.RelayMilter(holder)
+    m3._setctx(Context())
+    m3.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+    m3.connect("[x]", socket.AF_INET6, ("::ffff:192.0.2.30", 1, 0, 0))
+    assert m3.client.key == "192.0.2.30" and m3.client_text == "[192.0.2.30]"
+    monkeypatch.setattr(adapter, "MEMO_MAX", 3)
+    for k in range(5):
+        open_conn(holder, "192.0.2.%d" % (40 + k))
+    assert 0 < len(rt.client_memo) <= 3
+    # A trusted client found through the memo is still trusted.
+    m4, _ = open_conn(holder, "127.0.0.1")
+    m5, _ = open_conn(holder, "127.0.0.1")
+    for m in (m4, m5):
+        m.envfrom("<a@example.net>")
+        assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE

@@ -8,7 +8,7 @@ import re
 import socket
 import time
 
-from relaymilter.decisionlog import DecisionLog, stream_sink, syslog_sink
+from relaymilter.decisionlog import WAKE_AT, DecisionLog, stream_sink, syslog_sink
 
 
 def test_stream_sink_format_order_and_flush_on_close(tmp_path):
@@ -86,3 +86,33 @@ def test_disabled_log_queues_nothing():
     dl.log("x %s", 1)
     assert not dl.enabled and len(dl._queue) == 0
     dl.close()
+
+
+def test_stream_sink_stamps_each_line_with_its_own_millisecond(tmp_path):
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    write = stream_sink(fd)
+    t0 = 1_800_000_000.0
+    write([(t0 + 0.0001, "a"), (t0 + 0.0004, "b"), (t0 + 0.0012, "c")])
+    write([(t0 + 0.0013, "d"), (t0 + 1.5, "e")])
+    os.close(fd)
+    stamps = [line.split(" relaymilter[")[0] for line in path.read_text().splitlines()]
+    day = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0))
+    later = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0 + 1))
+    assert stamps == [day + ",000", day + ",000", day + ",001", day + ",001", later + ",500"]
+    assert [line[-1] for line in path.read_text().splitlines()] == list("abcde")
+
+
+def test_writer_wakes_early_for_a_long_queue(tmp_path):
+    written = []
+    dl = DecisionLog(lambda batch: written.extend(batch), interval=3600)
+    try:
+        time.sleep(0.05)              # the writer is now waiting out its (hour-long) interval
+        for i in range(WAKE_AT):
+            dl.log("line %d", i)
+        deadline = time.monotonic() + 10
+        while len(written) < WAKE_AT and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(written) == WAKE_AT
+    finally:
+        dl.close()

@@ -251,3 +251,24 @@ def test_expire_truncating_or_deleting_keeps_the_young(tmp_path, old, young):
     assert dict(store.entries()) == {"10.1.%d.%d" % (i >> 8, i & 255): 50 for i in range(young)}
     assert reader.lookup("10.0.0.1") is None and reader.lookup("10.1.0.1") == 50
     assert subprocess.run(["db5.3_verify", path], capture_output=True, timeout=60).returncode == 0
+
+
+def test_answers_are_cached_per_spelling_and_file_version(tmp_path, monkeypatch):
+    path = tmp_path / "r.db"
+    writer = BDBRelayStore(str(path))
+    writer.add({"10.0.0.1": 5})
+    past = time.time_ns() - 10 * 10**9
+    os.utime(path, ns=(past, past))          # a settled file: its answers may be cached
+    reader = BDBRelayStore(str(path))
+    reads = []
+    real = storebdb.get_both_styles
+    monkeypatch.setattr(storebdb, "get_both_styles", lambda handle, key: reads.append(key) or real(handle, key))
+    spellings = ("10.0.0.1", "::ffff:10.0.0.1", "::FFFF:10.0.0.1", "10.0.0.2")
+    assert [reader.lookup(s) for s in spellings] == [5, 5, 5, None]
+    assert reads == [b"10.0.0.1"] * 3 + [b"10.0.0.2"]
+    assert [reader.lookup(s) for s in spellings] == [5, 5, 5, None]
+    assert len(reads) == 4                   # the same questions again: answered from cache
+    writer.add({"10.0.0.1": 6, "10.0.0.2": 7})
+    assert [reader.lookup(s) for s in spellings] == [6, 6, 6, 7]      # a new file version: asked again
+    with pytest.raises(ValueError):
+        reader.lookup("not-an-address")

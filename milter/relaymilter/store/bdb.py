@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 from berkeleydb import db
 
@@ -54,6 +54,10 @@ RACY_NS = 100_000_000       # file mtimes closer than this to "now" are not trus
 CREATE_MODE = 0o644
 CACHE_MAX = 65536           # answers kept per file version by a MapReader
 _MISS = object()
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _fail(path: str, what: str, exc: BaseException) -> StoreUnavailable:
@@ -279,6 +283,16 @@ class MapReader:
 
     def get(self, key: bytes) -> Optional[bytes]:
         """The value for *key* (either NUL style), None when absent or the file is missing."""
+        return self.get_as(key, _same, _same)
+
+    def get_as(self, token: Hashable, key_of: Callable[[Any], bytes],
+               convert: Callable[[Optional[bytes]], Any]) -> Any:
+        """convert(the value for key_of(token)), answered from cache while the file is unchanged.
+
+        The cache is per file version and keyed by *token* (what the caller
+        asked with, before any normalising), so a repeated question costs one
+        stat and one dict lookup; key_of and convert run only on a miss.
+        """
         # Fast path, no lock: answers read under LOCK_SH are kept per file
         # signature, and only once the file's mtime is settled (see RACY_NS).
         # Any write completed since then changes the signature, so a matching
@@ -290,15 +304,15 @@ class MapReader:
             except OSError:
                 st = None
             if st is not None and cache[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-                hit = cache[1].get(key, _MISS)
+                hit = cache[1].get(token, _MISS)
                 if hit is not _MISS:
                     return hit
         with self._mutex:
-            value = self._get(key)
+            value = convert(self._get(key_of(token)))
             if self._trusted and self._sig is not None:
                 if self._cache is None or self._cache[0] != self._sig or len(self._cache[1]) >= CACHE_MAX:
                     self._cache = (self._sig, {})
-                self._cache[1][key] = value
+                self._cache[1][token] = value
             return value
 
     def _get(self, key: bytes) -> Optional[bytes]:

@@ -42,6 +42,14 @@ def parse_ticks(raw: bytes) -> int:
     return int(digits) if digits else 0
 
 
+def _db_key(ip: str) -> bytes:
+    return normalize_ip(ip).encode("ascii")
+
+
+def _ticks_or_none(raw: Optional[bytes]) -> Optional[int]:
+    return None if raw is None else parse_ticks(raw)
+
+
 class RelayStore(Protocol):
     """What the milter, the log watcher and vsmtprelay need from a relayers map."""
 
@@ -79,8 +87,8 @@ class BDBRelayStore:
         self._reader = MapReader(self.location, "relayers map")
 
     def lookup(self, ip: str) -> Optional[int]:
-        raw = self._reader.get(normalize_ip(ip).encode("ascii"))
-        return None if raw is None else parse_ticks(raw)
+        # Cached per file version under the address as given (see MapReader.get_as).
+        return self._reader.get_as(ip, _db_key, _ticks_or_none)
 
     def add(self, entries: Mapping[str, int], ttl: Optional[int] = None) -> None:
         items = [(normalize_ip(ip).encode("ascii"), b"%d" % int(ts)) for ip, ts in entries.items()]

@@ -289,6 +289,10 @@ class SpammersMap:
             return unavailable
         return lambda key: ascii_lower(key) in current
 
+    def members(self) -> frozenset:
+        """The listed keys (ASCII-lowercased) as they are now; StoreUnavailable when no good list can be had."""
+        return self._keys()
+
     def __len__(self) -> int:
         return len(self._keys())
 
