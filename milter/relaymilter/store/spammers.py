@@ -56,7 +56,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from berkeleydb import db
 
@@ -272,25 +272,12 @@ class SpammersMap:
         current = self._keys()
         return any(ascii_lower(k) in current for k in keys)
 
-    def snapshot(self) -> Callable[[str], bool]:
-        """A membership test on the list as it is now: one change check for a whole MAIL FROM.
-
-        Never raises: when no good list can be had, the returned test raises
-        StoreUnavailable on use, so a null sender (never looked up) still passes.
-        """
-        try:
-            current = self._keys()
-        except StoreUnavailable as exc:
-            failure = exc
-
-            def unavailable(key: str) -> bool:
-                raise failure
-
-            return unavailable
-        return lambda key: ascii_lower(key) in current
-
     def members(self) -> frozenset:
-        """The listed keys (ASCII-lowercased) as they are now; StoreUnavailable when no good list can be had."""
+        """The listed keys (ASCII-lowercased) as they are now: one change check for a whole MAIL FROM.
+
+        StoreUnavailable when no good list can be had (the caller tempfails
+        the sender check; a null sender, never looked up, still passes).
+        """
         return self._keys()
 
     def __len__(self) -> int:
