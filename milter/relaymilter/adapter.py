@@ -105,22 +105,14 @@ class Runtime:
             addr = raw      # never None: no address at all would count as a local submission
         client = Client(addr)
         value = (client, ClientRules(self.policy, client), "[%s]" % addr)
-        if len(raw) <= MEMO_KEY_MAX:
-            memo = self.client_memo
-            if len(memo) >= MEMO_MAX:
-                memo.clear()
-            memo[raw] = value
+        _remember(self.client_memo, raw, value)
         return value
 
     def destination(self, rcpt: str) -> tuple[Destination, str]:
         """policy.rcpt.destination() for *rcpt* and its log detail, memoised."""
         dest = destination(self.policy, rcpt)
         value = (dest, _detail(dest))
-        if len(rcpt) <= MEMO_KEY_MAX:
-            memo = self.rcpt_memo
-            if len(memo) >= MEMO_MAX:
-                memo.clear()
-            memo[rcpt] = value
+        _remember(self.rcpt_memo, rcpt, value)
         return value
 
     def mail_plan(self, sender: str) -> tuple[str, ...] | Decision:
@@ -128,12 +120,16 @@ class Runtime:
         plan = mail_plan(sender)
         if type(plan) is tuple:     # spammers.db keys are ASCII-lowercased (SpammersMap.members)
             plan = tuple(ascii_lower(key) for key in plan)
-        if len(sender) <= MEMO_KEY_MAX:
-            memo = self.sender_memo
-            if len(memo) >= MEMO_MAX:
-                memo.clear()
-            memo[sender] = plan
+        _remember(self.sender_memo, sender, plan)
         return plan
+
+
+def _remember(memo: dict, key: str, value: Any) -> None:
+    """Keep *value* in a memo table, which is cleared when full; longer texts are not kept."""
+    if len(key) <= MEMO_KEY_MAX:
+        if len(memo) >= MEMO_MAX:
+            memo.clear()
+        memo[key] = value
 
 
 class RuntimeHolder:
