@@ -271,3 +271,14 @@ def test_clients_are_memoised_per_address_and_bounded(setup, monkeypatch):
     for m in (m4, m5):
         m.envfrom("<a@example.net>")
         assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+
+
+def test_unreadable_spammers_map_tempfails_senders_but_not_the_null_sender(setup, tmp_path):
+    holder, _, lines, _ = setup
+    (tmp_path / "spammers.db").write_bytes(b"not a hash database\n" * 64)
+    m, ctx = open_conn(holder, "192.0.2.50")
+    assert m.envfrom("<a@example.net>") == Milter.TEMPFAIL
+    assert ctx.replies[-1][:2] == ("451", "4.3.0")
+    assert m.envfrom("<>") == Milter.CONTINUE                # never looked up
+    holder.decisions.flush()
+    assert lines[-2].endswith("rule=spammers_unavailable") and lines[-1].endswith("rule=null_sender")

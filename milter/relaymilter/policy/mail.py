@@ -87,7 +87,7 @@ _SENDER_OK = Continue("sender_ok")
 _NULL_SENDER = Continue("null_sender")
 _SENDER_UNPARSED = Continue("sender_unparsed")
 _SPAMMER = Reject(replies.ACCESS_DENIED, "spammers")
-SPAMMERS_UNAVAILABLE = _SPAMMERS_UNAVAILABLE = TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
+SPAMMERS_UNAVAILABLE = TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
 
 
 def mail_plan(sender: str) -> tuple[str, ...] | Decision:
@@ -114,7 +114,7 @@ def check_keys(keys: tuple[str, ...], spam_lookup: Callable[[str], bool]) -> Dec
             if spam_lookup(key):
                 return _SPAMMER
     except StoreUnavailable:
-        return _SPAMMERS_UNAVAILABLE
+        return SPAMMERS_UNAVAILABLE
     return _SENDER_OK
 
 
