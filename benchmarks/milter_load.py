@@ -2,7 +2,8 @@
 """Milter load benchmark: relaymilter on a 100,000-entry relayers.db against a minimal pymilter milter.
 
     python3 benchmarks/milter_load.py [--concurrency 8] [--seconds 10] [--entries 100000]
-                                      [--procs 1] [--rounds 2] [--warmup 3] [--quiet-variant]
+                                      [--procs 1] [--rounds 6] [--warmup 3] [--quiet-variant]
+                                      [--writes N]
 
 Method: both milters run as real processes on unix sockets: relaymilter through
 tests/integration/milterproc.py (decision log to a file), the baseline
@@ -32,15 +33,22 @@ missed targets are reported, exit 0. Steady state is what is measured: before th
 rounds, each milter gets --warmup seconds of the same traffic, unmeasured, so that
 both have met every client and recipient once (relaymilter's per-file-version answer
 cache and memo tables are filled; in the minimal milter, which has none, it warms the
-interpreter alike). That warm-up is reported on its own line as the cold figures: every
-write to relayers.db starts relaymilter's cache afresh, so a busy POP server's milter
-runs between the two. Takes about 2 x --warmup + 2.5 x --seconds (3.5 x with
---quiet-variant, which adds relaymilter with its decision log off).
+interpreter alike). That warm-up is reported on its own line as the cold figures, the
+first contact with 2,000 new clients, senders and recipients. The rounds are short
+and many (--rounds, default 6) so that load from other tenants of a shared machine
+hits both milters alike; the per-round ratios are printed, their spread shows that
+noise. --writes N adds relaymilter+writes: the same relaymilter process, in rounds of
+its own, while relayers.db is written N times a second (one listed address refreshed
+per write, as relaymilter-popwatch does for a login); every write starts the answer
+cache afresh, so this is the figure for a busy POP server. After each such round
+relaymilter gets REWARM seconds of unmeasured traffic. Takes about 2 x --warmup +
+2.5 x --seconds (add 1 x --seconds for each variant).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import multiprocessing
 import os
@@ -48,11 +56,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from milter_loadgen import STEP_TIMEOUT, Kind, Script, build_script, db_address, generate, session_kinds
 from relaymilter.harness import MilterSession
@@ -65,6 +74,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 from milterproc import MilterProcess, children  # noqa: E402  (a test helper, found through sys.path)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REWARM = 1.0        # unmeasured seconds that bring relaymilter back to steady state after a --writes round
 
 # ------------------------------------------------------------------ measuring one round
 
@@ -98,6 +108,11 @@ class Figures:
     other_cpu: float = 0.0
     machine_cpu: float = 0.0
     latencies: array = field(default_factory=lambda: array("q"))
+
+    def add(self, other: "Figures") -> None:
+        for name in ("sessions", "rcpts", "errors", "seconds", "milter_cpu", "gen_cpu", "other_cpu", "machine_cpu"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latencies.extend(other.latencies)
 
 
 def run_round(path: str, pid: int, scripts: Sequence[Script], opts: argparse.Namespace, seconds: float,
@@ -189,11 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per milter (default 10)")
     p.add_argument("--entries", type=int, default=100_000, help="relayers.db entries (default 100000)")
     p.add_argument("--procs", type=int, default=1, help="generator processes (default 1; see the notes printed)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per milter (default 2)")
+    p.add_argument("--rounds", type=int, default=6, help="alternating rounds per milter (default 6)")
     p.add_argument("--warmup", type=float, default=3.0,
                    help="unmeasured seconds of load per milter before the rounds (default 3; see the notes)")
     p.add_argument("--quiet-variant", action="store_true",
                    help="also run relaymilter with log_level: warning, to show the cost of the decision log")
+    p.add_argument("--writes", type=float, default=0.0, metavar="N",
+                   help="also run relaymilter while relayers.db is written N times a second, as by a busy "
+                        "POP server's relaymilter-popwatch (default 0: not run)")
     return p
 
 
@@ -226,21 +244,66 @@ def start_milters(work: Path, opts: argparse.Namespace, running: list) -> Dict[s
         kinds = session_kinds(2000, opts.entries, minimal=name == "minimal")
         neg = check_with_harness("unix:%s" % path, kinds[:2])
         milters[name] = (path, pid, [build_script(k, neg, i) for i, k in enumerate(kinds)])
+    if opts.writes > 0:
+        # The same relaymilter process, measured in rounds of its own while relayers.db is written.
+        milters["relaymilter+writes"] = milters["relaymilter"]
     return milters
 
 
+def write_loop(path: str, rate: float, entries: int, stop: Any, count: Any) -> None:
+    """Refresh one listed address in relayers.db *rate* times a second until *stop* is set."""
+    store = BDBRelayStore(path)
+    period = 1.0 / rate
+    due = time.monotonic()
+    while not stop.wait(max(0.0, due - time.monotonic())):
+        store.add({db_address(count.value * 7919 % entries): int(time.time())})
+        count.value += 1
+        due += period
+
+
+class Writer:
+    """relayers.db written *rate* times a second by a process of its own, while in a with block.
+
+    Its own process, started by spawn: a writer thread here would hold LOCK_EX
+    on a descriptor that the generator processes, forked from this one,
+    inherit, and the lock would stay held for as long as they live.
+    """
+
+    def __init__(self, path: str, rate: float, entries: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self.path, self.rate, self.entries = path, rate, entries
+        self._count = self._ctx.Value("q", 0)
+        self._stop = self._ctx.Event()
+        self._proc: Any = None
+
+    @property
+    def writes(self) -> int:
+        return int(self._count.value)
+
+    def __enter__(self) -> "Writer":
+        self._stop.clear()
+        self._proc = self._ctx.Process(target=write_loop, daemon=True,
+                                       args=(self.path, self.rate, self.entries, self._stop, self._count))
+        self._proc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._proc.join(10)
+
+
 def report(figures: Dict[str, Figures], procs: int) -> None:
-    print("%-17s %8s %10s %7s %9s %9s %6s %13s %13s %13s %11s" % (
+    print("%-18s %8s %10s %7s %9s %9s %6s %13s %13s %13s %11s" % (
         "milter", "sessions", "sessions/s", "RCPT/s", "p50 RCPT", "p99 RCPT", "errors",
         "milter CPU", "generator CPU", "other CPU", "milter CPU"))
-    print("%-17s %8s %10s %7s %9s %9s %6s %13s %13s %13s %11s" % ("", "", "", "", "", "", "", "s (cores)",
+    print("%-18s %8s %10s %7s %9s %9s %6s %13s %13s %13s %11s" % ("", "", "", "", "", "", "", "s (cores)",
                                                                  "s (cores)", "s (cores)", "per session"))
     for name, f in figures.items():
         lat = sorted(f.latencies)
         def cores(cpu: float, f: Figures = f) -> str:
             return "%5.1f (%.2f)" % (cpu, cpu / f.seconds)
 
-        print("%-17s %8d %10.0f %7.0f %7.3fms %7.3fms %6d %13s %13s %13s %9.0fus" % (
+        print("%-18s %8d %10.0f %7.0f %7.3fms %7.3fms %6d %13s %13s %13s %9.0fus" % (
             name, f.sessions, f.sessions / f.seconds, f.rcpts / f.seconds, percentile(lat, 0.50),
             percentile(lat, 0.99), f.errors, cores(f.milter_cpu), cores(f.gen_cpu), cores(f.other_cpu),
             f.milter_cpu / max(1, f.sessions) * 1e6))
@@ -277,14 +340,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("load: %d concurrent sessions from %d generator processes, %g s per milter in %d rounds, %d CPUs"
               % (opts.concurrency, opts.procs, opts.seconds, opts.rounds, os.cpu_count() or 0))
         cold = {name: Figures() for name in milters}
+        writer = Writer(str(work / "relayers.db"), opts.writes, opts.entries) if opts.writes > 0 else None
         if opts.warmup:
             for name in order:
+                if name.endswith("+writes"):
+                    continue            # the same process as relaymilter, warmed up just before
                 path, pid, scripts = milters[name]
                 run_round(path, pid, scripts, opts, opts.warmup, cold[name], errors)
+        per_round: Dict[str, List[float]] = {name: [] for name in order}
         for r in range(opts.rounds):
             for name in (order if r % 2 == 0 else order[::-1]):
                 path, pid, scripts = milters[name]
-                run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, figures[name], errors)
+                one = Figures()
+                with writer if name.endswith("+writes") and writer else contextlib.nullcontext():
+                    run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, one, errors)
+                if name.endswith("+writes"):
+                    # Steady state again for relaymilter's own rounds: the last write started its
+                    # answer cache afresh. Unmeasured, like the warm-up.
+                    time.sleep(0.2)
+                    run_round(path, pid, scripts, opts, REWARM, Figures(), errors)
+                figures[name].add(one)
+                per_round[name].append(one.sessions / one.seconds)
     finally:
         for proc in reversed(running):
             if isinstance(proc, MilterProcess):
@@ -293,11 +369,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 proc.kill()
                 proc.wait(10)
     report(figures, opts.procs)
+    ratios = sorted(a / b for a, b in zip(per_round["relaymilter"], per_round["minimal"]))
+    print("per round (the two measured one after the other): relaymilter/minimal %s; median %.2f"
+          % (" ".join("%.2f" % x for x in ratios), ratios[len(ratios) // 2]))
+    if writer is not None:
+        w = figures["relaymilter+writes"]
+        print("relaymilter+writes: relayers.db written %d times (%.1f/s) during its rounds; %.2fx the minimal "
+              "milter's sessions/s" % (writer.writes, writer.writes / w.seconds,
+                                       (w.sessions / w.seconds) / (figures["minimal"].sessions / figures["minimal"].seconds)))
     if opts.warmup:
         print("cold (the %g s warm-up, not in the figures above): %s" % (opts.warmup, "; ".join(
             "%s %.0f sessions/s, p99 RCPT %.3f ms" % (name, f.sessions / f.seconds, percentile(sorted(f.latencies), 0.99))
             for name, f in cold.items() if f.seconds)))
-    for name in order[1:]:
+    for name in [n for n in order[1:] if not n.endswith("+writes")]:
         print("%s decision log: %d bytes" % (name, (work / name / "milter.log").stat().st_size))
     failed = sum(f.errors for f in figures.values()) + sum(f.errors for f in cold.values())
     if failed:

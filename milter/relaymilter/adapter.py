@@ -21,11 +21,13 @@ DESCRIPTION
     local or relay, and a sender's spammers keys, depend only on the frozen
     configuration and are memoised per Runtime (bounded tables); trust,
     authentication and the relayers key are worked out once per MAIL
-    (policy.rcpt.ClientRules). The relayers lookup is still made for every
-    RCPT and the spammers lookups for every MAIL, so a vsmtprelay add or
-    delete counts from the next command on.
+    (policy.rcpt.ClientRules). spammers.db is checked at every MAIL;
+    relayers.db is read at the first RCPT of a transaction that the client
+    rules decide, and that answer holds for the transaction's other
+    recipients. So a vsmtprelay add or delete counts from the next MAIL on,
+    as an admin would expect of a map lookup made for the envelope.
 
-    One log line per decision, Postfix style (formatted by the log writer):
+    One log line per decision, Postfix style, queued on the decision log (relaymilter.decisionlog):
       <id>: reject: RCPT from [192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; from=<a@b> to=<bob@remote.example> rule=default_reject
 
 DIAGNOSTICS
@@ -53,7 +55,7 @@ from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.mail import SPAMMERS_UNAVAILABLE, check_keys, mail_plan
+from relaymilter.policy.mail import SPAMMERS_UNAVAILABLE, check_listed, mail_plan
 from relaymilter.policy.tokens import ascii_lower
 from relaymilter.policy.rcpt import Client, ClientRules, Destination, RcptPolicy, destination
 from relaymilter.replies import Reply
@@ -93,7 +95,7 @@ class Runtime:
         self.spammers_path = spam_path
         # The config is frozen per Runtime, so what an address resolves to is
         # too: memoised here, dropped with the Runtime on reload.
-        self.rcpt_memo: dict[str, tuple[Destination, str]] = {}
+        self.rcpt_memo: dict[str, tuple[Optional[Decision], Decision, str]] = {}
         self.sender_memo: dict[str, tuple[str, ...] | Decision] = {}
         self.client_memo: dict[str, tuple[Client, ClientRules, str]] = {}
 
@@ -108,10 +110,10 @@ class Runtime:
         _remember(self.client_memo, raw, value)
         return value
 
-    def destination(self, rcpt: str) -> tuple[Destination, str]:
-        """policy.rcpt.destination() for *rcpt* and its log detail, memoised."""
+    def destination(self, rcpt: str) -> tuple[Optional[Decision], Decision, str]:
+        """policy.rcpt.destination() for *rcpt* as (final decision or None, refusal, log detail), memoised."""
         dest = destination(self.policy, rcpt)
-        value = (dest, _detail(dest))
+        value = (dest.final.decision if dest.final is not None else None, dest.refusal, _detail(dest))
         _remember(self.rcpt_memo, rcpt, value)
         return value
 
@@ -164,6 +166,8 @@ _REJECT = Milter.REJECT
 _TEMPFAIL = Milter.TEMPFAIL
 _INTERNAL = TempFail(replies.INTERNAL_ERROR, "internal_error")
 _NO_CLIENT = Client(None)
+_UNASKED = object()     # RelayMilter.granted before the client rules were asked in a transaction
+_time = time.time
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
 
@@ -186,12 +190,14 @@ class RelayMilter(Milter.Base):
 
     def __init__(self, holder: RuntimeHolder) -> None:
         self.rt = holder.current
-        self.decide_log = holder.decisions.log
-        self.conn_id = next(_ids)       # logged as %06X; formatted by the log writer
+        self.note = holder.decisions.append    # queues one finished decision line; None: not logged
+        self.conn_id = next(_ids)
+        self.tag = "%06X" % self.conn_id    # the connection id as logged
         self.client = _NO_CLIENT
         self.client_text = "unknown"
         self.sender = "<>"
         self.rules: Optional[ClientRules] = None
+        self.granted: Any = _UNASKED       # the client rules' answer in this transaction (ClientRules.permit)
         self.broken = False             # connect failed: every later step tempfails
 
     def _set_reply(self, reply: Reply) -> None:
@@ -201,12 +207,12 @@ class RelayMilter(Milter.Base):
 
     def _internal_error(self, stage: str) -> int:
         """The fail-closed answer: log the traceback, 451 4.3.0, TEMPFAIL."""
-        log.exception("%06X: internal error in %s from %s; answering %s", self.conn_id, stage,
+        log.exception("%s: internal error in %s from %s; answering %s", self.tag, stage,
                       self.client_text, replies.INTERNAL_ERROR)
         try:
             self._set_reply(replies.INTERNAL_ERROR)
         except Exception:  # noqa: BLE001 - TEMPFAIL must go out even if setreply fails
-            log.exception("%06X: cannot set the reply", self.conn_id)
+            log.exception("%s: cannot set the reply", self.tag)
         return _TEMPFAIL
 
     def negotiate(self, opts: list[int]) -> int:
@@ -243,8 +249,8 @@ class RelayMilter(Milter.Base):
                 self.client_text = "local"
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             self.broken = True
-            log.exception("%06X: internal error in connect from %s; MAIL and RCPT will get %s",
-                          self.conn_id, self.client_text, replies.INTERNAL_ERROR)
+            log.exception("%s: internal error in connect from %s; MAIL and RCPT will get %s",
+                          self.tag, self.client_text, replies.INTERNAL_ERROR)
         return _CONTINUE
 
     def envfrom_bytes(self, mailfrom: bytes, *esmtp: bytes) -> int:
@@ -273,92 +279,94 @@ class RelayMilter(Milter.Base):
         try:
             sender = self.sender = mailfrom if mailfrom[:1] == "<" and mailfrom[-1:] == ">" else _brackets(mailfrom)
             if self.broken:
-                self._log("MAIL", _INTERNAL, sender, None, "")
+                self._log_refusal("MAIL", _INTERNAL, sender, None, "")
                 return self._answer(_INTERNAL)
             auth = self._ctx.getsymval("{auth_authen}") or None
             client = self.client
+            rt = self.rt
             if auth != client.auth_authen:
                 client = self.client = client.authenticated_as(auth)
-                self.rules = ClientRules(self.rt.policy, client)
+                self.rules = ClientRules(rt.policy, client)
             elif self.rules is None:
-                self.rules = ClientRules(self.rt.policy, client)
-            rt = self.rt
+                self.rules = ClientRules(rt.policy, client)
+            self.granted = _UNASKED
             plan = rt.sender_memo.get(sender)
             if plan is None:
                 plan = rt.mail_plan(sender)
             if type(plan) is tuple:
                 try:
-                    listed = rt.spammers.members()
+                    decision = check_listed(plan, rt.spammers.members())
                 except StoreUnavailable:
                     decision = SPAMMERS_UNAVAILABLE
-                else:
-                    decision = check_keys(plan, listed.__contains__)
             else:
                 decision = plan
-            self._log("MAIL", decision, sender, None, "sasl_username=%s " % auth if auth else "")
+            extra = "sasl_username=%s " % auth if auth else ""
             if type(decision) is Continue:
+                if self.note is not None:
+                    self.note(_PASS_MAIL % (self.tag, self.client_text, sender, extra, decision.rule))
                 return _CONTINUE
-            self._set_reply(decision.reply)
-            return _REJECT if type(decision) is Reject else _TEMPFAIL
+            self._log_refusal("MAIL", decision, sender, None, extra)
+            return self._answer(decision)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envfrom")
 
     def _rcpt(self, to: str) -> int:
         try:
             rcpt = to if to[:1] == "<" and to[-1:] == ">" else _brackets(to)
-            rules = self.rules
             if self.broken:
-                decision: Decision = _INTERNAL
+                decision: Optional[Decision] = _INTERNAL
                 extra = ""
             else:
-                if rules is None:   # RCPT before MAIL: not SMTP, but decide it all the same
-                    rules = self.rules = ClientRules(self.rt.policy, self.client)
                 rt = self.rt
                 memo = rt.rcpt_memo.get(rcpt)
                 if memo is None:
                     memo = rt.destination(rcpt)
-                dest, extra = memo
-                final = dest.final
-                decision = final.decision if final is not None else rules.decision(dest, rt.relayers.lookup,
-                                                                                    time.time())
-            self._log("RCPT", decision, self.sender, rcpt, extra)
+                decision, refusal, extra = memo
+                if decision is None:
+                    # Neither local nor relay: the client rules decide, asked
+                    # once per transaction (their answer is the same for every
+                    # such recipient; relayers.db is read again at the next MAIL).
+                    decision = self.granted
+                    if decision is _UNASKED:
+                        rules = self.rules
+                        if rules is None:   # RCPT before MAIL: not SMTP, but decide it all the same
+                            rules = self.rules = ClientRules(rt.policy, self.client)
+                        decision = self.granted = rules.permit(rt.relayers.lookup, _time())
+                    if decision is None:
+                        decision = refusal
             if type(decision) is Continue:
+                if self.note is not None:
+                    self.note(_PASS_RCPT % (self.tag, self.client_text, self.sender, rcpt, extra, decision.rule))
                 return _CONTINUE
-            self._set_reply(decision.reply)
-            return _REJECT if type(decision) is Reject else _TEMPFAIL
+            self._log_refusal("RCPT", decision, self.sender, rcpt, extra)
+            return self._answer(decision)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envrcpt")
 
     def _answer(self, decision: Decision) -> int:
-        if isinstance(decision, Continue):
+        if type(decision) is Continue:
             return _CONTINUE
         self._set_reply(decision.reply)
-        return _REJECT if isinstance(decision, Reject) else _TEMPFAIL
+        return _REJECT if type(decision) is Reject else _TEMPFAIL
 
-    def _log(self, stage: str, decision: Decision, sender: str, rcpt: Optional[str], extra: str) -> None:
-        # Formatting happens in the decision log's writer thread, not here.
-        if type(decision) is Continue:
-            if rcpt is None:
-                self.decide_log(_PASS_MAIL, self.conn_id, stage, self.client_text, sender, extra, decision.rule)
-            else:
-                self.decide_log(_PASS_RCPT, self.conn_id, stage, self.client_text, sender, rcpt, extra,
-                                decision.rule)
+    def _log_refusal(self, stage: str, decision: Decision, sender: str, rcpt: Optional[str], extra: str) -> None:
+        if self.note is None:
             return
         reply = decision.reply
         verb = "reject" if type(decision) is Reject else "tempfail"
         if rcpt is None:
-            self.decide_log(_REFUSE_MAIL, self.conn_id, verb, stage, self.client_text, reply.code, reply.xcode,
-                            sender, reply.text, sender, extra, decision.rule)
+            self.note(_REFUSE_MAIL % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
+                                      sender, reply.text, sender, extra, decision.rule))
         else:
-            self.decide_log(_REFUSE_RCPT, self.conn_id, verb, stage, self.client_text, reply.code, reply.xcode,
-                            rcpt, reply.text, sender, rcpt, extra, decision.rule)
+            self.note(_REFUSE_RCPT % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
+                                      rcpt, reply.text, sender, rcpt, extra, decision.rule))
 
 
-# The decision lines (see the module notes); conn_id is an int, shown as %06X.
-_PASS_MAIL = "%06X: pass: %s from %s: from=%s %srule=%s"
-_PASS_RCPT = "%06X: pass: %s from %s: from=%s to=%s %srule=%s"
-_REFUSE_MAIL = "%06X: %s: %s from %s: %s %s %s: %s; from=%s %srule=%s"
-_REFUSE_RCPT = "%06X: %s: %s from %s: %s %s %s: %s; from=%s to=%s %srule=%s"
+# The decision lines (see the module notes); the connection id is RelayMilter.tag.
+_PASS_MAIL = "%s: pass: MAIL from %s: from=%s %srule=%s"
+_PASS_RCPT = "%s: pass: RCPT from %s: from=%s to=%s %srule=%s"
+_REFUSE_MAIL = "%s: %s: %s from %s: %s %s %s: %s; from=%s %srule=%s"
+_REFUSE_RCPT = "%s: %s: %s from %s: %s %s %s: %s; from=%s to=%s %srule=%s"
 
 
 def callbacks(holder: RuntimeHolder) -> dict[str, Any]:

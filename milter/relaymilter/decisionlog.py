@@ -7,19 +7,26 @@ DESCRIPTION
     time (a LogRecord, a formatter, a locked handler, a write), which is more
     than the decision itself; under load that is most of the milter's CPU.
 
-    DecisionLog.log() only appends (time, format, args) to a deque. A
-    background thread wakes every INTERVAL seconds (or at once when the
-    queue is long), formats the lines and hands them to a sink CHUNK lines
-    at a time: one write() per chunk for a stream, one datagram per line
-    for syslog. Between chunks it sleeps PAUSE seconds, so the milter's
-    callbacks never queue for the GIL behind a whole batch (under load a
-    batch is hundreds of lines, half a millisecond of formatting: that was
-    the RCPT p99). Lines keep their own time stamps and their order.
-    close() flushes what is queued.
+    The callback formats its line (one % on a constant format) and appends
+    it to a deque (DecisionLog.append, the deque's own append: no Python
+    frame). A background thread wakes every INTERVAL seconds and hands the
+    finished lines to the sink CHUNK at a time: one write() per chunk for a
+    stream, one datagram per line for syslog. Between chunks it sleeps PAUSE
+    seconds, so the milter's callbacks never wait for the GIL behind a whole
+    batch. Formatting in the callback is the cheaper way in all: the writer
+    thread would take the same GIL for the same formatting plus its own loop
+    over queued entries. Lines keep their order. close() flushes what is
+    queued.
+
+    Like syslogd, the stream sink stamps lines when it writes them (one
+    stamp per chunk): at most INTERVAL, about 20 ms, after the decision.
+    Reading the clock for every line would cost the callbacks more than
+    formatting the line does.
 
     The sinks write the same shapes as relaymilter's logging setup:
       stderr: "2026-11-21 18:56:51,614 relaymilter[812]: <message>"
-      syslog: "<22>relaymilter[812]: <message>" to /dev/log (facility mail, info)
+      syslog: "<22>relaymilter[812]: <message>" to /dev/log (facility mail, info;
+              syslogd stamps it)
 
 DIAGNOSTICS
     A sink that fails (stderr closed, syslog socket gone) loses that batch;
@@ -40,40 +47,26 @@ from typing import Callable, Optional, Sequence
 log = logging.getLogger("relaymilter")
 
 INTERVAL = 0.02        # seconds between flushes
-WAKE_AT = 512          # queued lines that wake the writer early
-CHUNK = 32             # lines formatted per GIL hold (about 2 us each)
+CHUNK = 256            # lines handed to the sink per GIL hold (well under a microsecond each)
 PAUSE = 0.0001         # seconds the writer lets callbacks run between chunks
 
-Entry = tuple  # (time.time(), format string, args tuple)
-Sink = Callable[[Sequence[tuple[float, str]]], None]
-
-
-def _stamp(t: float, cache: dict[int, str]) -> str:
-    sec = int(t)
-    text = cache.get(sec)
-    if text is None:
-        cache.clear()
-        text = cache[sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-    return "%s,%03d" % (text, int((t - sec) * 1000))
+Sink = Callable[[Sequence[str]], None]
 
 
 def stream_sink(fd: int, name: str = "relaymilter") -> Sink:
     """Write lines to a file descriptor (stderr) in the logging module's stderr format."""
-    cache: dict[int, str] = {}
-    last = [-1, ""]         # the millisecond last stamped and its "time prefix" text
+    last = [(-1, "")]           # (the second last stamped, its text), replaced whole
 
-    def write(lines: Sequence[tuple[float, str]]) -> None:
-        prefix = " %s[%d]: " % (name, os.getpid())
-        out = []
-        ms, head = last
-        for t, msg in lines:
-            if int(t * 1000) != ms:     # lines come many to a millisecond: stamp each one once
-                ms = int(t * 1000)
-                head = _stamp(t, cache) + prefix
-            out.append(head + msg)
-        last[:] = ms, head
-        out.append("")
-        view = memoryview("\n".join(out).encode("utf-8", "backslashreplace"))
+    def write(lines: Sequence[str]) -> None:
+        t = time.time()
+        sec = int(t)
+        day = last[0]
+        if day[0] != sec:
+            day = last[0] = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
+        # The pid is asked each time: the milter forks after the log is set up.
+        head = "%s,%03d %s[%d]: " % (day[1], int((t - sec) * 1000), name, os.getpid())
+        text = head + ("\n" + head).join(lines) + "\n"
+        view = memoryview(text.encode("utf-8", "backslashreplace"))
         while view:
             done = os.write(fd, view)
             view = view[done:]
@@ -86,10 +79,10 @@ def syslog_sink(address: str = "/dev/log", name: str = "relaymilter") -> Sink:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.connect(address)
 
-    def write(lines: Sequence[tuple[float, str]]) -> None:
-        prefix = ("<22>%s[%d]: " % (name, os.getpid())).encode()
-        for _, msg in lines:
-            sock.send(prefix + msg.encode("utf-8", "backslashreplace"))
+    def write(lines: Sequence[str]) -> None:
+        prefix = "<22>%s[%d]: " % (name, os.getpid())
+        for msg in lines:
+            sock.send((prefix + msg).encode("utf-8", "backslashreplace"))
 
     return write
 
@@ -97,8 +90,8 @@ def syslog_sink(address: str = "/dev/log", name: str = "relaymilter") -> Sink:
 def logging_sink(logger: logging.Logger) -> Sink:
     """Through the logging module (slow; for tools and tests that embed the adapter)."""
 
-    def write(lines: Sequence[tuple[float, str]]) -> None:
-        for _, msg in lines:
+    def write(lines: Sequence[str]) -> None:
+        for msg in lines:
             logger.info("%s", msg)
 
     return write
@@ -112,12 +105,14 @@ def _render(fmt: str, args: tuple) -> str:
 
 
 class DecisionLog:
-    """Queue decision lines; a background thread formats and writes them in batches."""
+    """Queue finished decision lines; a background thread writes them in batches."""
 
     def __init__(self, sink: Optional[Sink], interval: float = INTERVAL) -> None:
         self.enabled = sink is not None
         self._sink = sink
-        self._queue: collections.deque[Entry] = collections.deque()
+        self._queue: collections.deque[str] = collections.deque()
+        # The hot path's entry: append(line), or None when decisions are not logged.
+        self.append: Optional[Callable[[str], None]] = self._queue.append if sink is not None else None
         self._wake = threading.Event()
         self._stopping = False
         self._failed = False
@@ -128,28 +123,24 @@ class DecisionLog:
             self._thread.start()
 
     def log(self, fmt: str, *args: object) -> None:
-        """Queue one line (``fmt % args`` is done later, off the callback's path)."""
+        """Queue the line ``fmt % args`` (an argument that does not fit is shown, not raised)."""
         if self.enabled:
-            queue = self._queue
-            queue.append((time.time(), fmt, args))
-            if len(queue) == WAKE_AT:     # once per batch; a missed wake-up waits one INTERVAL
-                self._wake.set()
+            try:
+                line = fmt % args
+            except (TypeError, ValueError):
+                line = _render(fmt, args)
+            self._queue.append(line)
 
     def flush(self, pause: float = 0.0) -> None:
-        """Format and write everything queued, CHUNK lines at a time.
+        """Write everything queued, CHUNK lines at a time.
 
-        With *pause*, the writer sleeps that long between chunks: it holds the
-        GIL only while it formats, so a milter callback waiting for the GIL
-        waits for one chunk (tens of microseconds), never for a whole batch.
+        With *pause*, the writer sleeps that long between chunks, so a
+        milter callback waiting for the GIL waits for one chunk at most.
         """
         queue = self._queue
         popleft = queue.popleft
         while queue:
-            entries = [popleft() for _ in range(min(CHUNK, len(queue)))]
-            try:
-                batch = [(t, fmt % args) for t, fmt, args in entries]
-            except (TypeError, ValueError):
-                batch = [(t, _render(fmt, args)) for t, fmt, args in entries]
+            batch = [popleft() for _ in range(min(CHUNK, len(queue)))]
             if self._sink is not None:
                 try:
                     self._sink(batch)

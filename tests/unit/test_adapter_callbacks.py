@@ -45,7 +45,7 @@ def setup(tmp_path: Path):
                    % (tmp_path / "relayers.db", tmp_path / "spammers.db"))
     write_db(str(tmp_path / "spammers.db"), ["spam.example"])
     lines: list[str] = []
-    decisions = DecisionLog(lambda batch: lines.extend(msg for _, msg in batch), interval=3600)
+    decisions = DecisionLog(lines.extend, interval=3600)
     holder = adapter.RuntimeHolder(adapter.Runtime(load_config(str(cfg))), decisions)
     try:
         yield holder, BDBRelayStore(str(tmp_path / "relayers.db")), lines, cfg
@@ -101,17 +101,43 @@ def test_decision_lines(setup):
     ]
 
 
-def test_relayers_changes_count_within_one_connection(setup):
+def test_relayers_changes_count_from_the_next_mail(setup):
+    # relayers.db is read once per transaction: a change counts from the next MAIL
+    # of the same connection on, never half-way through an envelope.
     holder, store, _, _ = setup
     m, _ = open_conn(holder, "192.0.2.9")
     assert m.envfrom("<a@example.net>") == Milter.CONTINUE
     assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
     store.add({"192.0.2.9": int(time.time())})
-    assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+    assert m.envrcpt("<carol@remote.example>") == Milter.REJECT
     assert m.envfrom("<a@example.net>") == Milter.CONTINUE
     assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
     store.delete(["192.0.2.9"])
+    assert m.envrcpt("<carol@remote.example>") == Milter.CONTINUE
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
     assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
+    assert m.envrcpt("<bob@local.test>") == Milter.CONTINUE
+
+
+def test_relayers_read_once_per_transaction(setup):
+    holder, store, _, _ = setup
+    store.add({"192.0.2.9": int(time.time())})
+    asked = []
+    real = holder.current.relayers.lookup
+
+    def counting(ip):
+        asked.append(ip)
+        return real(ip)
+
+    holder.current.relayers.lookup = counting
+    m, _ = open_conn(holder, "192.0.2.9")
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    for rcpt in ("<bob@local.test>", "<b1@remote.example>", "<b2@remote.example>", "<b3@elsewhere.example>"):
+        assert m.envrcpt(rcpt) == Milter.CONTINUE
+    assert asked == ["192.0.2.9"]
+    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    assert m.envrcpt("<b1@remote.example>") == Milter.CONTINUE
+    assert asked == ["192.0.2.9"] * 2
 
 
 def test_auth_seen_at_a_later_mail(setup):
@@ -228,13 +254,14 @@ def test_registered_callbacks_run_a_session(setup):
     assert funcs["envrcpt"](ctx, b"<bob@local.test>") == Milter.CONTINUE
     assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.REJECT
     store.add({"192.0.2.20": int(time.time())})
+    assert funcs["envfrom"](ctx, b"<a@example.net>") == Milter.CONTINUE        # the next transaction
     assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.CONTINUE
     assert funcs["envrcpt"](ctx, b"<j\xf6rg@remote.example>") == Milter.CONTINUE     # not UTF-8: decoded, decided
     assert ctx.replies == [("550", "5.7.1", "Relaying denied")]
     assert funcs["close"](ctx) == Milter.CONTINUE
     assert m._ctx is None           # the context/object cycle is broken, so refcounting frees both
     holder.decisions.flush()
-    assert [line.split(": ", 2)[1] for line in lines] == ["pass", "pass", "reject", "pass", "pass"]
+    assert [line.split(": ", 2)[1] for line in lines] == ["pass", "pass", "reject", "pass", "pass", "pass"]
     assert "from client.example[192.0.2.20]" in lines[0]
 
 

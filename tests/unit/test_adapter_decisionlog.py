@@ -11,7 +11,7 @@ from relaymilter.decisionlog import DecisionLog
 
 def test_flush_writes_every_line_in_order_in_chunks():
     batches: list[list[str]] = []
-    dl = DecisionLog(lambda batch: batches.append([msg for _, msg in batch]), interval=3600)
+    dl = DecisionLog(lambda batch: batches.append(list(batch)), interval=3600)
     n = decisionlog.CHUNK * 3 + 5
     for i in range(n):
         dl.log("%06X: pass: RCPT rule=%s", i, "local_domain")

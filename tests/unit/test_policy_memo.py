@@ -9,7 +9,7 @@ import time
 import pytest
 
 from relaymilter.errors import StoreUnavailable
-from relaymilter.policy.mail import check_keys, check_mail, mail_plan, sender_keys
+from relaymilter.policy.mail import check_keys, check_listed, check_mail, mail_plan, sender_keys
 from relaymilter.policy.rcpt import Client, ClientRules, RcptPolicy, destination, evaluate_rcpt
 from relaymilter.store.relayers import BDBRelayStore
 
@@ -71,20 +71,28 @@ def test_client_rules_look_relayers_up_on_every_call(tmp_path):
 def test_client_rules_window():
     policy = RcptPolicy(frozenset(), frozenset(), (), True, window=30)
     rules = ClientRules(policy, Client("198.51.100.7"))
-    assert rules.rule(lambda key: int(NOW) - 29 * 60, NOW) == "relayers_db"
-    assert rules.rule(lambda key: int(NOW) - 31 * 60, NOW) is None
+    assert rules.permit(lambda key: int(NOW) - 29 * 60, NOW).rule == "relayers_db"
+    assert rules.permit(lambda key: int(NOW) - 31 * 60, NOW) is None
+    assert rules.permit(lambda key: int(NOW) + 3600, NOW).rule == "relayers_db"   # a future stamp is fresh
 
 
 def test_client_rules_static_cases_never_look_up():
     def lookup(key: str):
         raise AssertionError("looked up %s" % key)
 
-    assert ClientRules(POLICY, Client(None)).rule(lookup, NOW) == "trusted_network"
-    assert ClientRules(POLICY, Client("10.1.2.3")).rule(lookup, NOW) == "trusted_network"
-    assert ClientRules(POLICY, Client("198.51.100.7", "alice")).rule(lookup, NOW) == "authenticated"
-    assert ClientRules(POLICY, Client("not-an-ip")).rule(lookup, NOW) is None
+    assert ClientRules(POLICY, Client(None)).permit(lookup, NOW).rule == "trusted_network"
+    assert ClientRules(POLICY, Client("10.1.2.3")).permit(lookup, NOW).rule == "trusted_network"
+    assert ClientRules(POLICY, Client("198.51.100.7", "alice")).permit(lookup, NOW).rule == "authenticated"
+    assert ClientRules(POLICY, Client("not-an-ip")).permit(lookup, NOW) is None
     no_auth = RcptPolicy(frozenset(), frozenset(), (), False, None)
-    assert ClientRules(no_auth, Client("198.51.100.7", "alice")).rule(lambda key: None, NOW) is None
+    assert ClientRules(no_auth, Client("198.51.100.7", "alice")).permit(lambda key: None, NOW) is None
+
+
+def test_refusal_is_553_for_an_unparsable_address_else_550():
+    assert destination(POLICY, "<a b@c>").refusal.rule == "malformed_address"
+    assert destination(POLICY, "<bob@remote.example>").refusal.rule == "default_reject"
+    assert ClientRules(POLICY, Client("198.51.100.7")).decision(
+        destination(POLICY, "<a b@c>"), lambda key: None, NOW).reply.code == "553"
 
 
 def test_client_rules_unavailable_store_tempfails():
@@ -111,6 +119,15 @@ def test_mail_plan_and_check_keys_agree_with_check_mail(sender):
         assert sender_keys(sender) == []
         decision = plan
     assert decision == check_mail(sender, listed.__contains__)
+
+
+@pytest.mark.parametrize("sender", SENDERS)
+def test_check_listed_agrees_with_check_keys(sender):
+    listed = frozenset({"spam.example", "[192.0.2.1]", "alice+tag@mail.spam.example"})
+    plan = mail_plan(sender)
+    if isinstance(plan, tuple):
+        assert check_listed(plan, listed) == check_keys(plan, listed.__contains__)
+        assert check_listed(plan, frozenset()).rule == "sender_ok"
 
 
 def test_check_keys_lookups_are_made_each_time():

@@ -144,6 +144,7 @@ _DENIED = Reject(replies.RELAYING_DENIED, "default_reject")
 _UNAVAILABLE = TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable")
 _MALFORMED = Reject(replies.MALFORMED_ADDRESS, "malformed_address")
 _CLIENT_RULES = {rule: Continue(rule) for rule in ("trusted_network", "authenticated", "relayers_db")}
+_RELAYERS_DB = _CLIENT_RULES["relayers_db"]
 
 
 @dataclass(frozen=True)
@@ -151,13 +152,16 @@ class Destination:
     """What a recipient is, whoever the client: the client-independent half of check_rcpt.
 
     *final* is the verdict when the recipient alone decides (local or relay
-    domain), else None and the client rules decide.  Depends only on the
-    policy and the recipient text, so a caller may memoise it per policy.
+    domain), else None and the client rules decide; *refusal* is the answer
+    when they do not let the client relay (553 for an address that cannot
+    be parsed, else 550 Relaying denied).  Depends only on the policy and
+    the recipient text, so a caller may memoise it per policy.
     """
 
     resolved: Resolved | None
     error: str | None
     final: RcptVerdict | None
+    refusal: Decision = _DENIED
 
 
 def destination(policy: RcptPolicy, rcpt: str) -> Destination:
@@ -165,7 +169,7 @@ def destination(policy: RcptPolicy, rcpt: str) -> Destination:
     try:
         resolved = resolve(rcpt, policy.is_ours, percent_hack=policy.percent_hack, bang_paths=policy.bang_paths)
     except BadAddress as exc:
-        return Destination(None, str(exc), None)
+        return Destination(None, str(exc), None, _MALFORMED)
     if resolved.domain is None or policy.is_local(resolved.domain):
         return Destination(resolved, None, RcptVerdict(_LOCAL, resolved))
     if policy.is_relay(resolved.domain):
@@ -181,10 +185,11 @@ class ClientRules:
 
     Trust, authentication and the relayers key cannot change while they hold
     (build a new one when {auth_authen} changes); the relayers lookup itself
-    is made on every rule() call, so a vsmtprelay add or delete counts at once.
+    is made on every permit() call, so a vsmtprelay add or delete counts from
+    the next call on.
     """
 
-    __slots__ = ("policy", "static", "key")
+    __slots__ = ("policy", "static", "key", "_granted")
 
     def __init__(self, policy: RcptPolicy, client: Client) -> None:
         self.policy = policy
@@ -199,19 +204,29 @@ class ClientRules:
             self.static = None
         else:
             self.static = _LOOKUP
-
-    def rule(self, relay_lookup: Callable[[str], int | None], now: float) -> str | None:
-        """The rule that lets this client relay, or None; may raise StoreUnavailable."""
         static = self.static
-        if static is not _LOOKUP:
-            return static
-        stamp = relay_lookup(self.key)
+        self._granted = _CLIENT_RULES[static] if static is not None and static is not _LOOKUP else None
+
+    def permit(self, relay_lookup: Callable[[str], int | None], now: float) -> Decision | None:
+        """The decision for every recipient the client rules decide, or None when they refuse.
+
+        Continue(rule) when the client may relay, 451 relayers_unavailable
+        when relayers.db cannot be read, None for the recipient's refusal
+        (Destination.refusal).  Trusted and authenticated clients are
+        answered without a lookup.
+        """
+        if self.static is not _LOOKUP:
+            return self._granted
+        try:
+            stamp = relay_lookup(self.key)
+        except StoreUnavailable:
+            return _UNAVAILABLE
         if stamp is None:
             return None
         window = self.policy.window
         if window is not None and stamp + window * 60 < now:
             return None
-        return "relayers_db"
+        return _RELAYERS_DB
 
     def decision(
         self,
@@ -222,13 +237,7 @@ class ClientRules:
         """check_rcpt for a recipient already classified by destination()."""
         if dest.final is not None:
             return dest.final.decision
-        try:
-            rule = self.rule(relay_lookup, now)
-        except StoreUnavailable:
-            return _UNAVAILABLE
-        if rule is not None:
-            return _CLIENT_RULES[rule]
-        return _MALFORMED if dest.resolved is None else _DENIED
+        return self.permit(relay_lookup, now) or dest.refusal
 
     def decide(
         self,

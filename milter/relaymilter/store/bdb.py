@@ -261,6 +261,7 @@ class MapReader:
         self.name = name
         self._mutex = threading.Lock()
         self._fd: Optional[int] = None
+        self._ident: Optional[tuple[int, int]] = None     # (st_dev, st_ino) of the file _fd is open on
         self._handle: Optional[db.DB] = None
         self._sig: Optional[tuple] = None
         self._trusted = False
@@ -278,6 +279,7 @@ class MapReader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self._ident = None
         self._sig = None
         self._cache = None
 
@@ -297,37 +299,39 @@ class MapReader:
         # signature, and only once the file's mtime is settled (see RACY_NS).
         # Any write completed since then changes the signature, so a matching
         # stat proves the cached answer is still the map's answer.
+        try:
+            st: Optional[os.stat_result] = os.stat(self.path)
+        except OSError:
+            st = None
         cache = self._cache
-        if cache is not None:
-            try:
-                st = os.stat(self.path)
-            except OSError:
-                st = None
-            if st is not None and cache[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-                hit = cache[1].get(token, _MISS)
-                if hit is not _MISS:
-                    return hit
+        if st is not None and cache is not None and cache[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            hit = cache[1].get(token, _MISS)
+            if hit is not _MISS:
+                return hit
         with self._mutex:
-            value = convert(self._get(key_of(token)))
+            value = convert(self._get(key_of(token), st))
             if self._trusted and self._sig is not None:
                 if self._cache is None or self._cache[0] != self._sig or len(self._cache[1]) >= CACHE_MAX:
                     self._cache = (self._sig, {})
                 self._cache[1][token] = value
             return value
 
-    def _get(self, key: bytes) -> Optional[bytes]:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._drop()
-            if not self._missing_logged:
-                log.info("%s %s does not exist yet: treating it as empty", self.name, self.path)
-                self._missing_logged = True
-            return None
-        except OSError as exc:
-            raise _fail(self.path, "stat", exc) from None
+    def _get(self, key: bytes, st: Optional[os.stat_result] = None) -> Optional[bytes]:
+        """The value under LOCK_SH; *st* is the caller's stat of the path, taken just before."""
+        if st is None:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                self._drop()
+                if not self._missing_logged:
+                    log.info("%s %s does not exist yet: treating it as empty", self.name, self.path)
+                    self._missing_logged = True
+                return None
+            except OSError as exc:
+                raise _fail(self.path, "stat", exc) from None
         self._missing_logged = False
-        if self._fd is None or not os.path.samestat(os.fstat(self._fd), st):
+        if self._fd is None or self._ident != (st.st_dev, st.st_ino):
+            # First use, or the path now names another file (replaced by rename).
             self._drop()
             try:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -335,6 +339,8 @@ class MapReader:
                 return None
             except OSError as exc:
                 raise _fail(self.path, "open", exc) from None
+            opened = os.fstat(self._fd)
+            self._ident = (opened.st_dev, opened.st_ino)
         flock_wait(self._fd, fcntl.LOCK_SH, self.path)
         try:
             st = os.fstat(self._fd)
