@@ -17,7 +17,7 @@ packet: half the clients are in relayers.db (all recipients continue), half are 
 (remote recipients get 550 5.7.1 Relaying denied, local ones continue); the minimal
 milter must continue on all. One session of each kind first goes through the harness's
 MilterSession, an independent check of those expectations. One milter is loaded at a
-time, in alternating rounds (A B B A), so that load from other processes hits both
+time, in alternating rounds (A B, B A, A B ...), so that load from other processes hits both
 alike. Reading the figures: sessions/s and RCPT/s are completed work over the window;
 p50/p99 RCPT is the time from sending SMFIC_RCPT to having its whole reply, as the
 generator sees it (so it includes the generator's own delay). CPU columns are user+sys
@@ -41,7 +41,7 @@ noise. --writes N adds relaymilter+writes: the same relaymilter process, in roun
 its own, while relayers.db is written N times a second (one listed address refreshed
 per write, as relaymilter-popwatch does for a login); every write starts the answer
 cache afresh, so this is the figure for a busy POP server. After each such round
-relaymilter gets REWARM seconds of unmeasured traffic. Takes about 2 x --warmup +
+every relaymilter gets REWARM seconds of unmeasured traffic. Takes about 2 x --warmup +
 2.5 x --seconds (add 1 x --seconds for each variant).
 """
 
@@ -74,7 +74,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 from milterproc import MilterProcess, children  # noqa: E402  (a test helper, found through sys.path)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-REWARM = 1.0        # unmeasured seconds that bring relaymilter back to steady state after a --writes round
+REWARM = 1.0        # unmeasured seconds that bring each relaymilter back to steady state after a --writes round
 
 # ------------------------------------------------------------------ measuring one round
 
@@ -355,10 +355,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 with writer if name.endswith("+writes") and writer else contextlib.nullcontext():
                     run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, one, errors)
                 if name.endswith("+writes"):
-                    # Steady state again for relaymilter's own rounds: the last write started its
-                    # answer cache afresh. Unmeasured, like the warm-up.
+                    # Steady state again for the other rounds: the last write started the answer
+                    # cache of every relaymilter afresh. Unmeasured, like the warm-up.
                     time.sleep(0.2)
-                    run_round(path, pid, scripts, opts, REWARM, Figures(), errors)
+                    for other in order:
+                        if other != "minimal" and not other.endswith("+writes"):
+                            run_round(*milters[other], opts, REWARM, Figures(), errors)
                 figures[name].add(one)
                 per_round[name].append(one.sessions / one.seconds)
     finally:
@@ -369,9 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 proc.kill()
                 proc.wait(10)
     report(figures, opts.procs)
-    ratios = sorted(a / b for a, b in zip(per_round["relaymilter"], per_round["minimal"]))
-    print("per round (the two measured one after the other): relaymilter/minimal %s; median %.2f"
-          % (" ".join("%.2f" % x for x in ratios), ratios[len(ratios) // 2]))
+    ratios = [a / b for a, b in zip(per_round["relaymilter"], per_round["minimal"])]
+    print("relaymilter/minimal per round, in order: %s; median %.2f"
+          % (" ".join("%.2f" % x for x in ratios), sorted(ratios)[len(ratios) // 2]))
     if writer is not None:
         w = figures["relaymilter+writes"]
         print("relaymilter+writes: relayers.db written %d times (%.1f/s) during its rounds; %.2fx the minimal "
