@@ -13,7 +13,7 @@ from pathlib import Path
 import Milter
 import pytest
 
-from relaymilter import adapter, replies
+from relaymilter import adapter, replies, runtime
 from relaymilter.config import load_config
 from relaymilter.decisionlog import DecisionLog
 from relaymilter.store.relayers import BDBRelayStore
@@ -160,11 +160,11 @@ def test_memo_is_exact_and_bounded(setup, monkeypatch):
         assert m.envrcpt("<bob@sub.relayed.test>") == Milter.CONTINUE
     assert set(rt.rcpt_memo) == {"<bob%remote.example@local.test>", "<bob@sub.relayed.test>"}
     assert set(rt.sender_memo) == {"<a@example.net>"}
-    monkeypatch.setattr(adapter, "MEMO_MAX", 3)
+    monkeypatch.setattr(runtime, "MEMO_MAX", 3)
     for k in range(5):
         m.envrcpt("<u%d@remote.example>" % k)
     assert len(rt.rcpt_memo) <= 3
-    long_rcpt = "<%s@remote.example>" % ("x" * adapter.MEMO_KEY_MAX)
+    long_rcpt = "<%s@remote.example>" % ("x" * runtime.MEMO_KEY_MAX)
     assert m.envrcpt(long_rcpt) == Milter.REJECT
     assert long_rcpt not in rt.rcpt_memo
 
@@ -288,7 +288,7 @@ def test_clients_are_memoised_per_address_and_bounded(setup, monkeypatch):
     m3.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
     m3.connect("[x]", socket.AF_INET6, ("::ffff:192.0.2.30", 1, 0, 0))
     assert m3.client.key == "192.0.2.30" and m3.client_text == "[192.0.2.30]"
-    monkeypatch.setattr(adapter, "MEMO_MAX", 3)
+    monkeypatch.setattr(runtime, "MEMO_MAX", 3)
     for k in range(5):
         open_conn(holder, "192.0.2.%d" % (40 + k))
     assert 0 < len(rt.client_memo) <= 3
