@@ -125,11 +125,7 @@ class DecisionLog:
     def log(self, fmt: str, *args: object) -> None:
         """Queue the line ``fmt % args`` (an argument that does not fit is shown, not raised)."""
         if self.enabled:
-            try:
-                line = fmt % args
-            except (TypeError, ValueError):
-                line = _render(fmt, args)
-            self._queue.append(line)
+            self._queue.append(_render(fmt, args))
 
     def flush(self, pause: float = 0.0) -> None:
         """Write everything queued, CHUNK lines at a time.
