@@ -56,7 +56,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -344,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if opts.warmup:
             for name in order:
                 if name.endswith("+writes"):
-                    continue            # the same process as relaymilter, warmed up just before
+                    continue            # the same process as relaymilter, warmed up with it
                 path, pid, scripts = milters[name]
                 run_round(path, pid, scripts, opts, opts.warmup, cold[name], errors)
         per_round: Dict[str, List[float]] = {name: [] for name in order}
