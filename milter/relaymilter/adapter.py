@@ -173,7 +173,7 @@ class RelayMilter(Milter.Base):
             sender = self.sender = mailfrom if mailfrom[:1] == "<" and mailfrom[-1:] == ">" else _brackets(mailfrom)
             if self.broken:
                 self._log_refusal("MAIL", _INTERNAL, sender, None, "")
-                return self._answer(_INTERNAL)
+                return self._refuse(_INTERNAL)
             auth = self._ctx.getsymval("{auth_authen}") or None
             client = self.client
             rt = self.rt
@@ -199,7 +199,7 @@ class RelayMilter(Milter.Base):
                     self.note(_PASS_MAIL % (self.tag, self.client_text, sender, extra, decision.rule))
                 return _CONTINUE
             self._log_refusal("MAIL", decision, sender, None, extra)
-            return self._answer(decision)
+            return self._refuse(decision)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envfrom")
 
@@ -232,13 +232,12 @@ class RelayMilter(Milter.Base):
                     self.note(_PASS_RCPT % (self.tag, self.client_text, self.sender, rcpt, extra, decision.rule))
                 return _CONTINUE
             self._log_refusal("RCPT", decision, self.sender, rcpt, extra)
-            return self._answer(decision)
+            return self._refuse(decision)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envrcpt")
 
-    def _answer(self, decision: Decision) -> int:
-        if type(decision) is Continue:
-            return _CONTINUE
+    def _refuse(self, decision: Decision) -> int:
+        """setreply() for a Reject or TempFail decision, and its return code."""
         self._set_reply(decision.reply)
         return _REJECT if type(decision) is Reject else _TEMPFAIL
 

@@ -177,7 +177,9 @@ def destination(policy: RcptPolicy, rcpt: str) -> Destination:
     return Destination(resolved, None, None)
 
 
-_LOOKUP = "relayers_db?"   # marker: only the relayers lookup can still grant relay
+# Marker for "only the relayers lookup can grant relay"; permit() never
+# returns it, and if it ever were answered it would tempfail (fail closed).
+_LOOKUP = TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_db?")
 
 
 class ClientRules:
@@ -189,23 +191,23 @@ class ClientRules:
     the next call on.
     """
 
-    __slots__ = ("policy", "static", "key", "_granted")
+    __slots__ = ("policy", "key", "_static")
 
     def __init__(self, policy: RcptPolicy, client: Client) -> None:
         self.policy = policy
         self.key = client.key
         ip = client.ip
+        # permit()'s answer when no lookup is needed, or _LOOKUP.
+        self._static: Decision | None
         if not client.addr or (ip is not None and policy.is_trusted(ip)):
-            self.static: str | None = "trusted_network"
+            self._static = _CLIENT_RULES["trusted_network"]
         elif client.auth_authen and policy.permit_authenticated:
-            self.static = "authenticated"
+            self._static = _CLIENT_RULES["authenticated"]
         elif ip is None:
             # Not an address we can key relayers.db on: no one logged in from it.
-            self.static = None
+            self._static = None
         else:
-            self.static = _LOOKUP
-        static = self.static
-        self._granted = _CLIENT_RULES[static] if static is not None and static is not _LOOKUP else None
+            self._static = _LOOKUP
 
     def permit(self, relay_lookup: Callable[[str], int | None], now: float) -> Decision | None:
         """The decision for every recipient the client rules decide, or None when they refuse.
@@ -215,8 +217,8 @@ class ClientRules:
         (Destination.refusal).  Trusted and authenticated clients are
         answered without a lookup.
         """
-        if self.static is not _LOOKUP:
-            return self._granted
+        if self._static is not _LOOKUP:
+            return self._static
         try:
             stamp = relay_lookup(self.key)
         except StoreUnavailable:
