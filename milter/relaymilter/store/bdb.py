@@ -19,6 +19,26 @@ DESCRIPTION
     Writers modify the file in place (as makemap does) so that the inode
     readers hold stays the one writers lock.
 
+    What a reader sees, and when: sendmail (map.c db_map_lookup) and Postfix
+    (dict_changed_name) notice a change by fstat() of the descriptor they
+    hold open and compare its mtime *in whole seconds* with the one recorded
+    when they opened the map (sendmail reopens when it is greater, Postfix
+    restarts the smtpd when it differs or the file was unlinked). A second
+    in-place write within the second of the previous one would leave that
+    second unchanged and be missed until some later write. So every writer
+    ends its write, still under LOCK_EX, with advance_mtime(): the file's
+    mtime second is made greater than the second the file had before the
+    write (the clock's own second when that is already greater, else the
+    previous second + 1, keeping the clock's sub-second part so that two
+    versions never share an mtime). Every completed write is therefore seen
+    by sendmail at its next lookup and by Postfix at its next connection;
+    the milter sees it at its next lookup (inode, size, mtime). Publishing by
+    rename would not do: sendmail keeps reading the old inode, whose mtime
+    never changes again. Under a sustained burst of more than one write per
+    second the mtime runs ahead of the clock by the excess, and falls back
+    to the clock once writes slow down; nothing compares it with the clock
+    but MapReader, which treats a future mtime as settled.
+
     MapReader is the long-lived reader the milter uses: one read-only handle,
     reopened when the file changes. A change is detected with one stat
     (inode, size, mtime); because file times are taken from a coarse clock,
@@ -87,6 +107,30 @@ def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT) -> None:
             pause = min(pause * 2, 0.02)
 
 
+def advance_mtime(fd: int, before_ns: int) -> None:
+    """Give the file on *fd* an mtime whose whole second is past *before_ns*'s (see header).
+
+    An explicit time needs the file's owner (or root); anyone else who may
+    write the file waits for the clock to pass that second and sets "now".
+    """
+    st = os.fstat(fd)
+    before_s = before_ns // 1_000_000_000
+    if st.st_mtime_ns // 1_000_000_000 > before_s:
+        return
+    frac = st.st_mtime_ns % 1_000_000_000
+    try:
+        os.utime(fd, ns=(st.st_atime_ns, (before_s + 1) * 1_000_000_000 + frac))
+        return
+    except PermissionError:
+        pass
+    time.sleep(max(0.0, (before_s + 1) - time.time()) + 0.001)
+    try:
+        os.utime(fd)
+    except PermissionError as exc:
+        log.warning("fd %d: cannot advance the mtime (%s): whole-second readers such as sendmail"
+                    " and Postfix may miss this change until the next write", fd, exc.strerror)
+
+
 def strip_nul(raw: bytes) -> bytes:
     return raw[:-1] if raw.endswith(b"\0") else raw
 
@@ -118,6 +162,7 @@ class WriteTxn:
         self.handle = handle
         self.nul = nul
         self.path = path
+        self.changed = False
 
     def _k(self, key: bytes) -> bytes:
         return key + b"\0" if self.nul else key
@@ -126,6 +171,7 @@ class WriteTxn:
         return get_both_styles(self.handle, key)
 
     def put(self, key: bytes, value: bytes) -> None:
+        self.changed = True
         self.handle.put(self._k(key), value + b"\0" if self.nul else value)
 
     def delete(self, key: bytes) -> bool:
@@ -134,6 +180,7 @@ class WriteTxn:
             try:
                 self.handle.delete(k)
                 found = True
+                self.changed = True
             except db.DBNotFoundError:
                 pass
         return found
@@ -171,6 +218,8 @@ class WriteTxn:
                 rec = cur.next()
         finally:
             cur.close()
+        if gone:
+            self.changed = True
         if len(gone) > len(keep):
             self.handle.close()
             self.handle = db.DB()
@@ -207,6 +256,7 @@ def write_map(path: str, create: bool = True) -> Iterator[WriteTxn]:
                 same = False
             if not same:
                 continue
+            before = os.fstat(fd)
             handle = db.DB()
             try:
                 handle.open(path, dbtype=db.DB_HASH, flags=db.DB_CREATE if create else 0)
@@ -224,6 +274,8 @@ def write_map(path: str, create: bool = True) -> Iterator[WriteTxn]:
                 raise _fail(path, "update", exc) from None
             finally:
                 txn.handle.close()
+            if txn.changed:
+                advance_mtime(fd, before.st_mtime_ns)
             return
         finally:
             os.close(fd)
@@ -361,7 +413,8 @@ class MapReader:
                     raise _fail(self.path, "read as a hash database", exc) from None
                 self._handle = handle
                 self._sig = sig
-                self._trusted = time.time_ns() - st.st_mtime_ns > RACY_NS
+                # A future mtime was set by advance_mtime(): the next write moves it again.
+                self._trusted = abs(time.time_ns() - st.st_mtime_ns) > RACY_NS
             try:
                 return get_both_styles(self._handle, key)
             except db.DBError as exc:

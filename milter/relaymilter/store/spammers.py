@@ -13,7 +13,10 @@ DESCRIPTION
     `check_sender_access hash:` table. Unlike makemap it never truncates the
     live file: it writes a temporary file in the same directory, fsyncs it,
     and renames it over the old one, so a reader sees the old map or the new
-    one, never part of one. The old file's mode (and, when allowed, owner)
+    one, never part of one. The replaced file's mtime is then advanced past
+    its previous second (bdb.advance_mtime): sendmail watches the inode it
+    has open, in whole seconds, and reopens the path only when that grows;
+    Postfix notices the unlinked inode; the milter notices the new inode. The old file's mode (and, when allowed, owner)
     is kept; symlinks are followed. An exclusive flock on `DB.lock` is held
     while the source is read and the map written, so two rebuilds apply in
     order (the later run reads the later source and its map stays). The
@@ -62,7 +65,7 @@ from berkeleydb import db
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.address import ascii_lower
-from relaymilter.store.bdb import CREATE_MODE, RACY_NS, flock_wait
+from relaymilter.store.bdb import CREATE_MODE, RACY_NS, advance_mtime, flock_wait
 from relaymilter.store.spammerslist import (  # noqa: F401 - re-exported: the parser's public names
     SpammersSourceError,
     SpammersSyntaxError,
@@ -154,16 +157,32 @@ def _replace(target: str, keys: list[str]) -> None:
             raise _unavailable(target, "write the new map", exc) from None
         finally:
             os.close(fd)
+        old_fd = _open_old(target)
         try:
-            os.rename(tmp, target)
-        except OSError as exc:
-            raise _unavailable(target, "replace", exc) from None
-        done = True
+            try:
+                os.rename(tmp, target)
+            except OSError as exc:
+                raise _unavailable(target, "replace", exc) from None
+            done = True
+            if old_fd is not None:
+                # sendmail keeps reading the replaced inode until its mtime second grows.
+                advance_mtime(old_fd, os.fstat(old_fd).st_mtime_ns)
+        finally:
+            if old_fd is not None:
+                os.close(old_fd)
     finally:
         if not done:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     _fsync_dir(directory)
+
+
+def _open_old(target: str) -> Optional[int]:
+    """A descriptor on the map about to be replaced, or None when there is none."""
+    try:
+        return os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def write_db(db_path: str, keys: list[str]) -> None:
