@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from relaymilter.policy.mail import check_mail, sender_keys
+from relaymilter.policy.mail import SENDER_OK, SPAMMER, SenderKeys, mail_plan, sender_keys
 from relaymilter.store.spammers import SpammersMap, read_source, rebuild, write_db
 
 
@@ -82,9 +82,11 @@ def main() -> int:
         sample = senders[: len(senders) // 4]
         start = time.perf_counter()
         for s in sample:
-            check_mail(s, smap.contains)
+            plan = mail_plan(s)     # what a MAIL FROM does, without the runtime's memo
+            if isinstance(plan, SenderKeys):
+                _ = SENDER_OK if smap.members().isdisjoint(plan.keys) else SPAMMER
         elapsed = time.perf_counter() - start
-        print("check_mail with SpammersMap, %d:   %10.0f /s  (%.1f us each)"
+        print("sender check (plan + members), %d: %10.0f /s  (%.1f us each)"
               % (len(sample), len(sample) / elapsed, elapsed / len(sample) * 1e6))
         start = time.perf_counter()
         for _ in range(100_000):

@@ -1,40 +1,40 @@
 """NAME
-    relaymilter.adapter - pymilter callbacks in, policy decisions out
+    relaymilter.adapter - pymilter callbacks in, policy verdicts out
 
 DESCRIPTION
-    The only module that imports pymilter's Milter. Each SMTP connection gets
-    one RelayMilter object (pymilter's factory); it snapshots the Runtime
-    current when the connection opened, so a SIGHUP reload never changes the
-    rules half-way through a session. State lives on that object, never in
-    threading.local: libmilter's worker pool may run one connection's
-    callbacks on different threads.
+    The only module that imports pymilter. callbacks() builds the functions
+    run() registers with pymilter's C module, one per milter step relaymilter
+    uses; each SMTP connection gets one Connection (the libmilter context's
+    private object), which holds a policy Session. A callback hands the
+    session what the MTA sent, gets a typed verdict back (relaymilter.policy:
+    Continue, Reject or TempFail, with reply and rule) and turns it into
+    setreply() + a return code; the decision itself is never made here.
 
-    connect() records the client address, envfrom() checks the sender against
-    spammers.db and notes {auth_authen}, envrcpt() asks the policy core and
-    turns its decision into setreply() + a return code. Callbacks we do not
-    need are not overridden, so pymilter declines them in negotiation;
-    connect asks for no reply (P_NR_CONN): the MTA does not wait for one.
+    The Connection snapshots the Runtime current when it opened, so a SIGHUP
+    reload never changes the rules half-way through a session. State lives
+    on that object, never in threading.local: libmilter's worker pool may run
+    one connection's callbacks on different threads.
 
-    Hot path (libmilter's workers share one GIL, so every callback's Python
-    time is everyone's latency): the envfrom/envrcpt_bytes entry points
-    decode only the address; what a recipient resolves to and whether it is
-    local or relay, and a sender's spammers keys, depend only on the frozen
-    configuration and are memoised per Runtime (relaymilter.runtime); trust,
-    authentication and the relayers key are worked out once per MAIL
-    (policy.rcpt.ClientRules). spammers.db is checked at every MAIL;
-    relayers.db is read at the first RCPT of a transaction that the client
-    rules decide, and that answer holds for the transaction's other
-    recipients. So a vsmtprelay add or delete counts from the next MAIL on,
-    as an admin would expect of a map lookup made for the envelope.
+    Negotiation asks for CONNECT (with no reply: P_NR_CONN), MAIL, RCPT and
+    DATA, and declines the rest. DATA is asked for although relaymilter has
+    nothing to say there: pymilter answers it CONTINUE in C (no Python
+    callback), and the answer keeps the MTA's stream moving. A milter that
+    declines DATA still gets the step's macro packet from Postfix, with no
+    reply expected; over TCP, Nagle on the MTA's side and delayed ACK on ours
+    then hold the next packet about 40 ms, every message.
 
-    One log line per decision, Postfix style, queued on the decision log (relaymilter.decisionlog):
-      <id>: reject: RCPT from [192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; from=<a@b> to=<bob@remote.example> rule=default_reject
+    One log line per decision, Postfix style, queued on the decision log
+    (relaymilter.decisionlog):
+      <id>: reject: RCPT from [192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; from=<a@b> to=<bob@remote.example> resolved=bob@remote.example rule=default_reject
+    <id> is the connection id; the log's own prefix carries the worker's PID.
 
 DIAGNOSTICS
     Fail closed: any exception in a callback is logged with its traceback
     and answered 451 4.3.0 (TEMPFAIL), never CONTINUE; an exception in
     connect, which sends no reply, is remembered and MAIL and RCPT get the
     451. pymilter's own exception policy is set to TEMPFAIL as a second guard.
+    MAIL or RCPT with no CONNECT before it is judged as an unknown client
+    (a stranger: no relaying).
 """
 
 from __future__ import annotations
@@ -42,256 +42,202 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
-import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import Milter
 
 from relaymilter import replies
-from relaymilter.errors import StoreUnavailable
+from relaymilter.decisionlog import printable
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.mail import SPAMMERS_UNAVAILABLE, check_listed
-from relaymilter.policy.rcpt import Client, ClientRules
-from relaymilter.replies import Reply
+from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client
+from relaymilter.policy.session import Session
 from relaymilter.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger("relaymilter")
 
-
 _ids = itertools.count(1)
 
-_CONTINUE = Milter.CONTINUE
-_NOREPLY = Milter.NOREPLY
-_NR_CONN = Milter.P_NR_CONN
-_REJECT = Milter.REJECT
-_TEMPFAIL = Milter.TEMPFAIL
+# The protocol flags negotiate() takes away from the MTA's offer: the steps
+# relaymilter needs (CONNECT, MAIL, RCPT, DATA) and their replies.
+_WANTED = (Milter.P_NOCONNECT | Milter.P_NOMAIL | Milter.P_NORCPT | Milter.P_NODATA
+           | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA)
 _INTERNAL = TempFail(replies.INTERNAL_ERROR, "internal_error")
-_NO_CLIENT = Client(None)
-_UNASKED = object()     # RelayMilter.granted before the client rules were asked in a transaction
-_time = time.time
-_AF_INET = socket.AF_INET
-_AF_INET6 = socket.AF_INET6
+LOG_TEXT_MAX = 320       # characters of an address or AUTH name a log line shows
 
 
 def _brackets(addr: str) -> str:
+    if addr[:1] == "<" and addr[-1:] == ">":
+        return addr
     addr = addr.strip()
     return addr if addr.startswith("<") else "<%s>" % addr
 
 
-class RelayMilter(Milter.Base):
+def _macro(ctx: Any, name: str) -> Optional[str]:
+    """A macro's value; one that is not UTF-8 is decoded leniently rather than failing the step."""
+    try:
+        value = ctx.getsymval(name)
+    except UnicodeDecodeError as exc:
+        value = exc.object.decode("utf-8", "backslashreplace")
+    return value or None
+
+
+class Connection:
     """One SMTP connection as seen through the milter protocol."""
 
-    def __init__(self, holder: RuntimeHolder) -> None:
-        self.rt = holder.current
-        self.note = holder.decisions.append    # queues one finished decision line; None: not logged
-        self.conn_id = next(_ids)
-        self.tag = "%06X" % self.conn_id    # the connection id as logged
-        self.client = _NO_CLIENT
-        self.client_text = "unknown"
-        self.sender = "<>"
-        self.rules: Optional[ClientRules] = None
-        self.granted: Any = _UNASKED       # the client rules' answer in this transaction (ClientRules.permit)
-        self.broken = False             # connect failed: every later step tempfails
+    __slots__ = ("ctx", "rt", "session", "note", "tag", "client_text", "broken", "protocol")
 
-    def _set_reply(self, reply: Reply) -> None:
+    def __init__(self, holder: RuntimeHolder, ctx: Any) -> None:
+        self.ctx = ctx
+        self.rt = holder.current
+        self.session = Session(self.rt)
+        self.note: Optional[Callable[[str], None]] = holder.decisions.append   # None: not logged
+        self.tag = "%06X" % next(_ids)      # the connection id as logged
+        self.client_text = UNKNOWN_CLIENT.text
+        self.broken = False                 # connect failed: every later step tempfails
+        self.protocol = 0                   # what negotiation agreed to
+        ctx.setpriv(self)
+
+    def negotiate(self, opts: list[int]) -> int:
+        """Take from the MTA's offer only the steps and replies relaymilter needs."""
+        try:
+            opts[1] = self.protocol = opts[1] & ~_WANTED
+            opts[2] = 0
+            opts[3] = 0
+        except (IndexError, TypeError):
+            return Milter.ALL_OPTS
+        return Milter.CONTINUE
+
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> None:
+        # No reply is sent for connect (P_NR_CONN): a failure here is kept
+        # and answered at MAIL and RCPT instead, so it is never lost.
+        try:
+            rt = self.rt
+            if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+                client: Client = rt.client(str(hostaddr[0]))
+            elif family == socket.AF_UNIX:
+                client = rt.policy.local_client()
+            else:
+                client = UNKNOWN_CLIENT
+            self.session.connect(client)
+            name = printable(hostname or "", 80)
+            self.client_text = client.text if not name or name[0] == "[" else name + client.text
+            self.broken = False
+        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
+            self.broken = True
+            log.exception("%s: internal error in connect from %s; MAIL and RCPT will get %s",
+                          self.tag, self.client_text, replies.INTERNAL_ERROR)
+
+    def mail(self, mailfrom: str) -> int:
+        try:
+            sender = _brackets(mailfrom)
+            auth = _macro(self.ctx, "{auth_authen}")
+            extra = "sasl_username=%s " % printable(auth, LOG_TEXT_MAX) if auth else ""
+            if self.broken:
+                self.session.sender = sender        # for the log line
+                decision: Decision = _INTERNAL
+            else:
+                decision = self.session.mail(sender, auth)
+            return self._answer("MAIL", decision, None, extra)
+        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
+            return self._internal_error("envfrom")
+
+    def rcpt(self, to: str) -> int:
+        try:
+            rcpt = _brackets(to)
+            if self.broken:
+                return self._answer("RCPT", _INTERNAL, rcpt, "")
+            verdict = self.session.rcpt(rcpt)
+            return self._answer("RCPT", verdict.decision, rcpt, verdict.destination.detail)
+        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
+            return self._internal_error("envrcpt")
+
+    def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str) -> int:
+        """Log the decision and turn it into setreply() + a pymilter return code."""
+        if type(decision) is Continue:
+            if self.note is not None:
+                self._log_pass(stage, decision, rcpt, extra)
+            return Milter.CONTINUE
+        assert isinstance(decision, (Reject, TempFail))
+        if self.note is not None:
+            self._log_refusal(stage, decision, rcpt, extra)
+        reply = decision.reply
         # Straight to the context: Base.setreply's '%' check is for texts we
         # do not own; every reply in relaymilter.replies is a constant without '%'.
-        self._ctx.setreply(reply.code, reply.xcode, reply.text)
+        self.ctx.setreply(reply.code, reply.xcode, reply.text)
+        return Milter.REJECT if type(decision) is Reject else Milter.TEMPFAIL
+
+    def _log_pass(self, stage: str, decision: Continue, rcpt: Optional[str], extra: str) -> None:
+        assert self.note is not None
+        sender = printable(self.session.sender, LOG_TEXT_MAX)
+        if rcpt is None:
+            self.note(_PASS_MAIL % (self.tag, self.client_text, sender, extra, decision.rule))
+        else:
+            self.note(_PASS_RCPT % (self.tag, self.client_text, sender, printable(rcpt, LOG_TEXT_MAX),
+                                    extra, decision.rule))
+
+    def _log_refusal(self, stage: str, decision: Reject | TempFail, rcpt: Optional[str], extra: str) -> None:
+        assert self.note is not None
+        reply = decision.reply
+        verb = "reject" if type(decision) is Reject else "tempfail"
+        sender = printable(self.session.sender, LOG_TEXT_MAX)
+        if rcpt is None:
+            self.note(_REFUSE_MAIL % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
+                                      sender, reply.text, sender, extra, decision.rule))
+        else:
+            shown = printable(rcpt, LOG_TEXT_MAX)
+            self.note(_REFUSE_RCPT % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
+                                      shown, reply.text, sender, shown, extra, decision.rule))
 
     def _internal_error(self, stage: str) -> int:
         """The fail-closed answer: log the traceback, 451 4.3.0, TEMPFAIL."""
         log.exception("%s: internal error in %s from %s; answering %s", self.tag, stage,
                       self.client_text, replies.INTERNAL_ERROR)
         try:
-            self._set_reply(replies.INTERNAL_ERROR)
+            reply = replies.INTERNAL_ERROR
+            self.ctx.setreply(reply.code, reply.xcode, reply.text)
         except Exception:  # noqa: BLE001 - TEMPFAIL must go out even if setreply fails
             log.exception("%s: cannot set the reply", self.tag)
-        return _TEMPFAIL
-
-    def negotiate(self, opts: list[int]) -> int:
-        """Base.negotiate without its per-connection search for @symlist (this class has none)."""
-        try:
-            self._actions, protocol, _, _ = opts
-            opts[1] = self._protocol = protocol & ~self.protocol_mask()
-            opts[2] = 0
-            opts[3] = 0
-        except Exception:  # noqa: BLE001 - as Base.negotiate: change nothing if anything went wrong
-            return Milter.ALL_OPTS
-        return _CONTINUE
-
-    @Milter.noreply
-    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
-        return self.on_connect(hostname, family, hostaddr)
-
-    def on_connect(self, hostname: str, family: int, hostaddr: Any) -> int:
-        # No reply is sent for connect (P_NR_CONN): a failure here is kept
-        # and answered at MAIL and RCPT instead, so it is never lost.
-        try:
-            if (family == _AF_INET or family == _AF_INET6) and hostaddr:
-                raw = hostaddr[0]
-                rt = self.rt
-                entry = rt.client_memo.get(raw) if type(raw) is str else None
-                if entry is None:
-                    entry = rt.client(str(raw))
-                self.client, self.rules, text = entry
-                self.client_text = text if not hostname or hostname[0] == "[" else hostname.strip("[]") + text
-            else:
-                # Local submission (sendmail -bs): empty {client_addr}, as sendmail treats it.
-                self.client = _NO_CLIENT
-                self.rules = None
-                self.client_text = "local"
-        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
-            self.broken = True
-            log.exception("%s: internal error in connect from %s; MAIL and RCPT will get %s",
-                          self.tag, self.client_text, replies.INTERNAL_ERROR)
-        return _CONTINUE
-
-    def envfrom_bytes(self, mailfrom: bytes, *esmtp: bytes) -> int:
-        """pymilter's entry point: decode only the address (ESMTP parameters are not used)."""
-        try:
-            sender = mailfrom.decode("utf-8", "surrogateescape")
-        except AttributeError:
-            sender = str(mailfrom)
-        return self._mail(sender)
-
-    def envfrom(self, mailfrom: str, *esmtp: str) -> int:
-        return self._mail(mailfrom)
-
-    def envrcpt_bytes(self, to: bytes, *esmtp: bytes) -> int:
-        """pymilter's entry point: decode only the address (ESMTP parameters are not used)."""
-        try:
-            rcpt = to.decode("utf-8", "surrogateescape")
-        except AttributeError:
-            rcpt = str(to)
-        return self._rcpt(rcpt)
-
-    def envrcpt(self, to: str, *esmtp: str) -> int:
-        return self._rcpt(to)
-
-    def _mail(self, mailfrom: str) -> int:
-        try:
-            sender = self.sender = mailfrom if mailfrom[:1] == "<" and mailfrom[-1:] == ">" else _brackets(mailfrom)
-            if self.broken:
-                self._log_refusal("MAIL", _INTERNAL, sender, None, "")
-                return self._refuse(_INTERNAL)
-            auth = self._ctx.getsymval("{auth_authen}") or None
-            client = self.client
-            rt = self.rt
-            if auth != client.auth_authen:
-                client = self.client = client.authenticated_as(auth)
-                self.rules = ClientRules(rt.policy, client)
-            elif self.rules is None:
-                self.rules = ClientRules(rt.policy, client)
-            self.granted = _UNASKED
-            plan = rt.sender_memo.get(sender)
-            if plan is None:
-                plan = rt.mail_plan(sender)
-            if type(plan) is tuple:
-                try:
-                    decision = check_listed(plan, rt.spammers.members())
-                except StoreUnavailable:
-                    decision = SPAMMERS_UNAVAILABLE
-            else:
-                decision = plan
-            extra = "sasl_username=%s " % auth if auth else ""
-            if type(decision) is Continue:
-                if self.note is not None:
-                    self.note(_PASS_MAIL % (self.tag, self.client_text, sender, extra, decision.rule))
-                return _CONTINUE
-            self._log_refusal("MAIL", decision, sender, None, extra)
-            return self._refuse(decision)
-        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
-            return self._internal_error("envfrom")
-
-    def _rcpt(self, to: str) -> int:
-        try:
-            rcpt = to if to[:1] == "<" and to[-1:] == ">" else _brackets(to)
-            if self.broken:
-                decision: Optional[Decision] = _INTERNAL
-                extra = ""
-            else:
-                rt = self.rt
-                memo = rt.rcpt_memo.get(rcpt)
-                if memo is None:
-                    memo = rt.destination(rcpt)
-                decision, refusal, extra = memo
-                if decision is None:
-                    # Neither local nor relay: the client rules decide, asked
-                    # once per transaction (their answer is the same for every
-                    # such recipient; relayers.db is read again at the next MAIL).
-                    decision = self.granted
-                    if decision is _UNASKED:
-                        rules = self.rules
-                        if rules is None:   # RCPT before MAIL: not SMTP, but decide it all the same
-                            rules = self.rules = ClientRules(rt.policy, self.client)
-                        decision = self.granted = rules.permit(rt.relayers.lookup, _time())
-                    if decision is None:
-                        decision = refusal
-            if type(decision) is Continue:
-                if self.note is not None:
-                    self.note(_PASS_RCPT % (self.tag, self.client_text, self.sender, rcpt, extra, decision.rule))
-                return _CONTINUE
-            self._log_refusal("RCPT", decision, self.sender, rcpt, extra)
-            return self._refuse(decision)
-        except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
-            return self._internal_error("envrcpt")
-
-    def _refuse(self, decision: Decision) -> int:
-        """setreply() for a Reject or TempFail decision, and its return code."""
-        self._set_reply(decision.reply)
-        return _REJECT if type(decision) is Reject else _TEMPFAIL
-
-    def _log_refusal(self, stage: str, decision: Decision, sender: str, rcpt: Optional[str], extra: str) -> None:
-        if self.note is None:
-            return
-        reply = decision.reply
-        verb = "reject" if type(decision) is Reject else "tempfail"
-        if rcpt is None:
-            self.note(_REFUSE_MAIL % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
-                                      sender, reply.text, sender, extra, decision.rule))
-        else:
-            self.note(_REFUSE_RCPT % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
-                                      rcpt, reply.text, sender, rcpt, extra, decision.rule))
+        return Milter.TEMPFAIL
 
 
-# The decision lines (see the module notes); the connection id is RelayMilter.tag.
+# The decision lines (see the module notes); the connection id is Connection.tag.
 _PASS_MAIL = "%s: pass: MAIL from %s: from=%s %srule=%s"
 _PASS_RCPT = "%s: pass: RCPT from %s: from=%s to=%s %srule=%s"
 _REFUSE_MAIL = "%s: %s: %s from %s: %s %s %s: %s; from=%s %srule=%s"
 _REFUSE_RCPT = "%s: %s: %s from %s: %s %s %s: %s; from=%s to=%s %srule=%s"
 
 
-def callbacks(holder: RuntimeHolder) -> dict[str, Any]:
+def callbacks(holder: RuntimeHolder) -> dict[str, Callable[..., int]]:
     """The functions run() registers with pymilter's C module, by step name.
 
-    Each is one Python call per milter step: the connection's RelayMilter
-    is the context's private object, created at negotiation.
+    Each is one Python call per milter step; the connection's Connection is
+    the context's private object, created at negotiation (or at the first
+    step of an MTA that skipped it).
     """
 
+    def conn(ctx: Any) -> Connection:
+        found = ctx.getpriv()
+        return found if found else Connection(holder, ctx)
+
     def negotiate(ctx: Any, opts: list[int]) -> int:
-        m = RelayMilter(holder)
-        m._setctx(ctx)
-        return m.negotiate(opts)
+        return Connection(holder, ctx).negotiate(opts)
 
     def connect(ctx: Any, hostname: str, family: int, hostaddr: Any) -> int:
-        m = ctx.getpriv()
-        if not m:               # an MTA that skipped negotiation
-            m = RelayMilter(holder)
-            m._setctx(ctx)
-        m.on_connect(hostname, family, hostaddr)
-        return _NOREPLY if m._protocol & _NR_CONN else _CONTINUE
+        c = conn(ctx)
+        c.connect(hostname, family, hostaddr)
+        return Milter.NOREPLY if c.protocol & Milter.P_NR_CONN else Milter.CONTINUE
 
     def envfrom(ctx: Any, mailfrom: bytes, *esmtp: bytes) -> int:
-        return ctx.getpriv()._mail(mailfrom.decode("utf-8", "surrogateescape"))
+        return conn(ctx).mail(mailfrom.decode("utf-8", "surrogateescape"))
 
     def envrcpt(ctx: Any, to: bytes, *esmtp: bytes) -> int:
-        return ctx.getpriv()._rcpt(to.decode("utf-8", "surrogateescape"))
+        return conn(ctx).rcpt(to.decode("utf-8", "surrogateescape"))
 
     def close(ctx: Any) -> int:
-        m = ctx.getpriv()
-        if m:
-            m._ctx = None       # the context and this object refer to each other
-        return _CONTINUE
+        found = ctx.getpriv()
+        if found:
+            found.ctx = None     # the context and this object refer to each other
+        return Milter.CONTINUE
 
     return {"negotiate": negotiate, "connect": connect, "envfrom": envfrom, "envrcpt": envrcpt, "close": close}
 
@@ -301,10 +247,7 @@ def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> N
 
     Registers with pymilter's C module directly rather than through
     Milter.runmilter: only the steps relaymilter uses get a Python callback,
-    so ABORT (sent after every transaction) never takes the GIL, and each
-    step is one Python call instead of a lambda and a method wrapper.
-    Negotiation is Milter.Base's (RelayMilter.negotiate), so the MTA never
-    sends the steps declined there.
+    so ABORT (sent after every transaction) and DATA never take the GIL.
     """
     import milter as _milter  # pymilter's C extension
 
@@ -313,7 +256,7 @@ def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> N
         getattr(_milter, "set_%s_callback" % step)(None)
     for step in ("connect", "envfrom", "envrcpt", "close"):
         getattr(_milter, "set_%s_callback" % step)(funcs[step])
-    _milter.set_exception_policy(_TEMPFAIL)
+    _milter.set_exception_policy(Milter.TEMPFAIL)
     _milter.setconn(socket_spec)
     _milter.settimeout(600)
     _milter.register(name, negotiate=funcs["negotiate"], data=None, unknown=None)
@@ -328,4 +271,4 @@ def stop() -> None:
     _milter.stop()
 
 
-__all__ = ["RelayMilter", "Runtime", "RuntimeHolder", "run", "stop", "StoreUnavailable", "TempFail"]
+__all__ = ["Connection", "Runtime", "RuntimeHolder", "callbacks", "run", "stop"]

@@ -47,7 +47,7 @@ PREFIX_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){0,3}$")
 TOP_KEYS = (
     "socket", "log", "log_level", "local_domains", "local_domains_file", "add_host_names",
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
-    "trusted_networks", "permit_authenticated", "relayers", "spammers", "popwatch",
+    "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
 )
 RELAYERS_KEYS = ("path", "url", "window")
 SPAMMERS_KEYS = ("source", "path")
@@ -100,6 +100,7 @@ class Config:
     bang_paths: bool = True
     trusted_networks: tuple[Network, ...] = ()
     permit_authenticated: bool = True
+    trust_local_socket: bool = False
     relayers: RelayersConfig = field(default_factory=RelayersConfig)
     spammers: SpammersConfig = field(default_factory=SpammersConfig)
     popwatch: PopwatchConfig = field(default_factory=PopwatchConfig)
@@ -332,6 +333,7 @@ def load_config(path: Optional[str] = None) -> Config:
         bang_paths=top.bool("bang_paths", True),
         trusted_networks=tuple(trusted) + tuple(trusted_extra),
         permit_authenticated=top.bool("permit_authenticated", True),
+        trust_local_socket=top.bool("trust_local_socket", False),
         relayers=relayers,
         spammers=spammers,
         popwatch=popwatch,

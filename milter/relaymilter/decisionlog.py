@@ -97,6 +97,29 @@ def logging_sink(logger: logging.Logger) -> Sink:
     return write
 
 
+def printable(text: str, limit: int) -> str:
+    """*text* for a log line: control and undecodable characters escaped, at most *limit* characters kept.
+
+    What an SMTP client sends (an 8-bit AUTH name, a 64 KB recipient) must
+    not forge log lines or flood them; the length cut is said in the line.
+    """
+    if len(text) <= limit and text.isprintable():
+        return text
+    shown = text[:limit]
+    if not shown.isprintable():
+        shown = "".join(ch if ch.isprintable() else _escape(ch) for ch in shown)
+    if len(text) > limit:
+        shown += "...(%d chars)" % len(text)
+    return shown
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:        # a byte that was not UTF-8 (surrogateescape)
+        return "\\x%02x" % (code - 0xDC00)
+    return ch.encode("unicode_escape").decode("ascii")
+
+
 def _render(fmt: str, args: tuple) -> str:
     try:
         return fmt % args

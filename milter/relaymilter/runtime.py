@@ -21,15 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Optional
+from collections.abc import Set as AbstractSet
+from typing import Optional, TypeVar
 
 from relaymilter.config import Config
 from relaymilter.decisionlog import DecisionLog, logging_sink
-from relaymilter.ipaddr import normalize_ip
 from relaymilter.policy.decision import Decision
-from relaymilter.policy.mail import mail_plan
-from relaymilter.policy.rcpt import Client, ClientRules, Destination, RcptPolicy, destination
-from relaymilter.policy.tokens import ascii_lower
+from relaymilter.policy.mail import SenderKeys, mail_plan
+from relaymilter.policy.rcpt import Client, Destination, RcptPolicy, destination
 from relaymilter.store.relayers import RelayStore, open_relay_store
 from relaymilter.store.spammers import SpammersMap
 
@@ -40,9 +39,11 @@ log = logging.getLogger("relaymilter")
 MEMO_MAX = 4096
 MEMO_KEY_MAX = 320
 
+V = TypeVar("V")
+
 
 class Runtime:
-    """One configuration with the policy and the stores built from it."""
+    """One configuration with the policy and the stores built from it (policy.session.Sources)."""
 
     def __init__(self, config: Config, previous: Optional["Runtime"] = None) -> None:
         self.config = config
@@ -55,6 +56,7 @@ class Runtime:
             relay_subdomains=config.relay_subdomains,
             percent_hack=config.percent_hack,
             bang_paths=config.bang_paths,
+            trust_local_socket=config.trust_local_socket,
         )
         # Keep open stores across a reload when they name the same map: their
         # handles and last-good state stay valid, and nothing is reopened.
@@ -64,50 +66,50 @@ class Runtime:
         else:
             self.relayers = open_relay_store(location)
         spam_path = os.path.expanduser(config.spammers.path)
-        if previous is not None and previous.spammers_path == spam_path:
-            self.spammers = previous.spammers
-        else:
-            self.spammers = SpammersMap(spam_path)
-        self.spammers_path = spam_path
+        self.spammers: SpammersMap = (previous.spammers if previous is not None and previous.spammers_path == spam_path
+                                      else SpammersMap(spam_path))
+        self.spammers_path: str = spam_path
         # The config is frozen per Runtime, so what an address resolves to is
         # too: memoised here, dropped with the Runtime on reload.
-        self.rcpt_memo: dict[str, tuple[Optional[Decision], Decision, str]] = {}
-        self.sender_memo: dict[str, tuple[str, ...] | Decision] = {}
-        self.client_memo: dict[str, tuple[Client, ClientRules, str]] = {}
+        self.rcpt_memo: dict[str, Destination] = {}
+        self.sender_memo: dict[str, SenderKeys | Decision] = {}
+        self.client_memo: dict[str, Client] = {}
 
-    def client(self, raw: str) -> tuple[Client, ClientRules, str]:
-        """The Client for libmilter's address text, its rules before AUTH and "[addr]", memoised."""
-        try:
-            addr = normalize_ip(raw)
-        except ValueError:
-            addr = raw      # never None: no address at all would count as a local submission
-        client = Client(addr)
-        value = (client, ClientRules(self.policy, client), "[%s]" % addr)
-        _remember(self.client_memo, raw, value)
-        return value
+    def client(self, addr: str) -> Client:
+        """RcptPolicy.client() for libmilter's address text, memoised."""
+        client = self.client_memo.get(addr)
+        if client is None:
+            client = _remember(self.client_memo, addr, self.policy.client(addr))
+        return client
 
-    def destination(self, rcpt: str) -> tuple[Optional[Decision], Decision, str]:
-        """policy.rcpt.destination() for *rcpt* as (final decision or None, refusal, log detail), memoised."""
-        dest = destination(self.policy, rcpt)
-        value = (dest.final.decision if dest.final is not None else None, dest.refusal, _detail(dest))
-        _remember(self.rcpt_memo, rcpt, value)
-        return value
+    def destination(self, rcpt: str) -> Destination:
+        """policy.rcpt.destination() for *rcpt*, memoised."""
+        dest = self.rcpt_memo.get(rcpt)
+        if dest is None:
+            dest = _remember(self.rcpt_memo, rcpt, destination(self.policy, rcpt))
+        return dest
 
-    def mail_plan(self, sender: str) -> tuple[str, ...] | Decision:
-        """policy.mail.mail_plan() for *sender*, memoised (the lookups are not)."""
-        plan = mail_plan(sender)
-        if type(plan) is tuple:     # spammers.db keys are ASCII-lowercased (SpammersMap.members)
-            plan = tuple(ascii_lower(key) for key in plan)
-        _remember(self.sender_memo, sender, plan)
+    def mail_plan(self, sender: str) -> SenderKeys | Decision:
+        """policy.mail.mail_plan() for *sender*, memoised (the lookup is not)."""
+        plan = self.sender_memo.get(sender)
+        if plan is None:
+            plan = _remember(self.sender_memo, sender, mail_plan(sender))
         return plan
 
+    def relayers_stamp(self, key: str) -> Optional[int]:
+        return self.relayers.lookup(key)
 
-def _remember(memo: dict, key: str, value: Any) -> None:
+    def spammers_listed(self) -> AbstractSet[str]:
+        return self.spammers.members()
+
+
+def _remember(memo: dict[str, V], key: str, value: V) -> V:
     """Keep *value* in a memo table, which is cleared when full; longer texts are not kept."""
     if len(key) <= MEMO_KEY_MAX:
         if len(memo) >= MEMO_MAX:
             memo.clear()
         memo[key] = value
+    return value
 
 
 class RuntimeHolder:
@@ -127,10 +129,3 @@ class RuntimeHolder:
             self._runtime = Runtime(config, self._runtime)
             return self._runtime
 
-
-def _detail(dest: Destination) -> str:
-    """The resolved=/error= part of a RCPT log line."""
-    extra = "resolved=%s " % dest.resolved if dest.resolved is not None else ""
-    if dest.error:
-        extra += "error=%r " % dest.error
-    return extra

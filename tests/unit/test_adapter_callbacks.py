@@ -1,7 +1,7 @@
-"""The adapter's callbacks called as pymilter calls them, on real relayers.db/spammers.db files.
+"""The adapter's registered callbacks run as pymilter runs them, on real relayers.db/spammers.db files.
 
-The libmilter context is the one stand-in: it records setreply() and
-serves macros, as libmilter's context would for the MTA's packets.
+The libmilter context is the one stand-in (milterpath.Context): it records
+setreply() and serves macros, as libmilter's context would for the MTA's packets.
 """
 
 from __future__ import annotations
@@ -12,29 +12,13 @@ from pathlib import Path
 
 import Milter
 import pytest
+from milterpath import Conn, Context
 
 from relaymilter import adapter, replies, runtime
 from relaymilter.config import load_config
 from relaymilter.decisionlog import DecisionLog
 from relaymilter.store.relayers import BDBRelayStore
 from relaymilter.store.spammers import write_db
-
-
-class Context:
-    """What RelayMilter uses of libmilter's context: macros in, replies out."""
-
-    def __init__(self, macros: dict | None = None) -> None:
-        self.macros = dict(macros or {})
-        self.replies: list[tuple] = []
-
-    def getsymval(self, name: str):
-        return self.macros.get(name)
-
-    def setreply(self, *reply) -> None:
-        self.replies.append(reply)
-
-    def setpriv(self, priv) -> None:
-        pass
 
 
 @pytest.fixture
@@ -53,43 +37,38 @@ def setup(tmp_path: Path):
         decisions.close()
 
 
-def open_conn(holder, ip="192.0.2.7", macros=None, hostname=None):
-    m = adapter.RelayMilter(holder)
-    ctx = Context(macros)
-    m._setctx(ctx)
-    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
-    assert m.negotiate(opts) == Milter.CONTINUE
-    assert m.connect(hostname or "[%s]" % ip, socket.AF_INET, (ip, 4321)) == Milter.NOREPLY
-    return m, ctx
+def test_registered_steps():
+    funcs = adapter.callbacks(adapter.RuntimeHolder.__new__(adapter.RuntimeHolder))
+    assert set(funcs) == {"negotiate", "connect", "envfrom", "envrcpt", "close"}     # no abort, helo, eom...
 
 
-def test_negotiate_asks_for_no_connect_reply_and_the_callbacks_it_uses():
-    m = adapter.RelayMilter.__new__(adapter.RelayMilter)
-    m._setctx(None)
-    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
-    m.negotiate(opts)
-    assert opts[1] & Milter.P_NR_CONN
+def test_negotiate_asks_for_connect_mail_rcpt_and_data(setup):
+    holder, _, _, _ = setup
+    conn = Conn(holder, None)
+    protocol = conn.opts[1]
+    assert protocol & Milter.P_NR_CONN                 # connect needs no reply
     for step in (Milter.P_NOCONNECT, Milter.P_NOMAIL, Milter.P_NORCPT, Milter.P_NR_MAIL, Milter.P_NR_RCPT):
-        assert not opts[1] & step
-    assert opts[1] & Milter.P_NOHDRS and opts[1] & Milter.P_NOBODY
-    # Same answer as pymilter's own negotiate, which this one only shortcuts.
-    base = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
-    Milter.Base.negotiate(m, base)
-    assert base == opts
+        assert not protocol & step
+    # DATA is asked for and answered (in C, by pymilter): a declined DATA step
+    # still gets its macro packet from Postfix, and Nagle holds the next one.
+    assert not protocol & Milter.P_NODATA and not protocol & Milter.P_NR_DATA
+    assert protocol & Milter.P_NOHDRS and protocol & Milter.P_NOBODY and protocol & Milter.P_NOEOH
+    assert protocol & Milter.P_NOHELO and protocol & Milter.P_NOUNKNOWN
+    assert conn.opts[2:] == [0, 0]
 
 
 def test_decision_lines(setup):
     holder, store, lines, _ = setup
     store.add({"192.0.2.8": int(time.time())})
-    m, ctx = open_conn(holder, "192.0.2.7", hostname="client.example")
-    assert m.envfrom_bytes(b"<alice@example.net>", b"SIZE=10") == Milter.CONTINUE
-    assert m.envrcpt_bytes(b"<bob@local.test>") == Milter.CONTINUE
-    assert m.envrcpt_bytes(b"bob@remote.example") == Milter.REJECT
-    assert ctx.replies == [("550", "5.7.1", "Relaying denied")]
-    m2, _ = open_conn(holder, "192.0.2.8", macros={"{auth_authen}": "carol"})
-    assert m2.envfrom_bytes(b"<carol@spam.example>") == Milter.REJECT
+    c = Conn(holder, "192.0.2.7", hostname="client.example")
+    assert c.mail(b"<alice@example.net>") == Milter.CONTINUE
+    assert c.rcpt(b"<bob@local.test>") == Milter.CONTINUE
+    assert c.rcpt(b"bob@remote.example") == Milter.REJECT
+    assert c.replies == [("550", "5.7.1", "Relaying denied")]
+    c2 = Conn(holder, "192.0.2.8", macros={"{auth_authen}": "carol"})
+    assert c2.mail(b"<carol@spam.example>") == Milter.REJECT
     holder.decisions.flush()
-    a, b = "%06X" % m.conn_id, "%06X" % m2.conn_id
+    a, b = c.connection.tag, c2.connection.tag
     assert lines == [
         "%s: pass: MAIL from client.example[192.0.2.7]: from=<alice@example.net> rule=sender_ok" % a,
         "%s: pass: RCPT from client.example[192.0.2.7]: from=<alice@example.net> to=<bob@local.test> "
@@ -105,18 +84,18 @@ def test_relayers_changes_count_from_the_next_mail(setup):
     # relayers.db is read once per transaction: a change counts from the next MAIL
     # of the same connection on, never half-way through an envelope.
     holder, store, _, _ = setup
-    m, _ = open_conn(holder, "192.0.2.9")
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
-    assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
+    c = Conn(holder, "192.0.2.9")
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.REJECT
     store.add({"192.0.2.9": int(time.time())})
-    assert m.envrcpt("<carol@remote.example>") == Milter.REJECT
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
-    assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+    assert c.rcpt("<carol@remote.example>") == Milter.REJECT
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.CONTINUE
     store.delete(["192.0.2.9"])
-    assert m.envrcpt("<carol@remote.example>") == Milter.CONTINUE
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
-    assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
-    assert m.envrcpt("<bob@local.test>") == Milter.CONTINUE
+    assert c.rcpt("<carol@remote.example>") == Milter.CONTINUE
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.REJECT
+    assert c.rcpt("<bob@local.test>") == Milter.CONTINUE
 
 
 def test_relayers_read_once_per_transaction(setup):
@@ -130,56 +109,75 @@ def test_relayers_read_once_per_transaction(setup):
         return real(ip)
 
     holder.current.relayers.lookup = counting
-    m, _ = open_conn(holder, "192.0.2.9")
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
+    c = Conn(holder, "192.0.2.9")
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
     for rcpt in ("<bob@local.test>", "<b1@remote.example>", "<b2@remote.example>", "<b3@elsewhere.example>"):
-        assert m.envrcpt(rcpt) == Milter.CONTINUE
+        assert c.rcpt(rcpt) == Milter.CONTINUE
     assert asked == ["192.0.2.9"]
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
-    assert m.envrcpt("<b1@remote.example>") == Milter.CONTINUE
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt("<b1@remote.example>") == Milter.CONTINUE
     assert asked == ["192.0.2.9"] * 2
 
 
 def test_auth_seen_at_a_later_mail(setup):
     holder, _, _, _ = setup
-    m, ctx = open_conn(holder, "192.0.2.10")
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
-    assert m.envrcpt("<bob@remote.example>") == Milter.REJECT
-    ctx.macros["{auth_authen}"] = "alice"
-    assert m.envfrom("<a@example.net>") == Milter.CONTINUE
-    assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+    c = Conn(holder, "192.0.2.10")
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.REJECT
+    assert c.mail("<a@example.net>", auth="alice") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.CONTINUE
+
+
+def test_an_8bit_auth_name_is_decoded_leniently_and_logged_escaped(setup):
+    holder, _, lines, _ = setup
+    c = Conn(holder, "192.0.2.10")
+    assert c.mail("<a@example.net>", auth=b"j\xf6rg\x01") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.CONTINUE
+    holder.decisions.flush()
+    assert "sasl_username=j\\xf6rg\\x01 rule=sender_ok" in lines[0]
+    assert lines[1].endswith("rule=authenticated")
+
+
+def test_a_long_recipient_is_logged_truncated(setup):
+    holder, _, lines, _ = setup
+    c = Conn(holder, "192.0.2.10")
+    c.mail("<a@example.net>")
+    rcpt = "<%s@remote.example>" % ("x" * 65536)
+    assert c.rcpt(rcpt) == Milter.REJECT
+    holder.decisions.flush()
+    assert len(lines[-1]) < 2000 and "...(%d chars)" % len(rcpt) in lines[-1]
 
 
 def test_memo_is_exact_and_bounded(setup, monkeypatch):
     holder, _, _, _ = setup
     rt = holder.current
-    m, _ = open_conn(holder, "192.0.2.11")
-    m.envfrom("<a@example.net>")
+    c = Conn(holder, "192.0.2.11")
+    c.mail("<a@example.net>")
     for _ in range(2):
-        assert m.envrcpt("<bob%remote.example@local.test>") == Milter.REJECT
-        assert m.envrcpt("<bob@sub.relayed.test>") == Milter.CONTINUE
+        assert c.rcpt("<bob%remote.example@local.test>") == Milter.REJECT
+        assert c.rcpt("<bob@sub.relayed.test>") == Milter.CONTINUE
     assert set(rt.rcpt_memo) == {"<bob%remote.example@local.test>", "<bob@sub.relayed.test>"}
     assert set(rt.sender_memo) == {"<a@example.net>"}
     monkeypatch.setattr(runtime, "MEMO_MAX", 3)
     for k in range(5):
-        m.envrcpt("<u%d@remote.example>" % k)
+        c.rcpt("<u%d@remote.example>" % k)
     assert len(rt.rcpt_memo) <= 3
     long_rcpt = "<%s@remote.example>" % ("x" * runtime.MEMO_KEY_MAX)
-    assert m.envrcpt(long_rcpt) == Milter.REJECT
+    assert c.rcpt(long_rcpt) == Milter.REJECT
     assert long_rcpt not in rt.rcpt_memo
 
 
 def test_reload_starts_a_new_memo(setup):
     holder, _, _, cfg = setup
-    m, _ = open_conn(holder, "192.0.2.12")
-    m.envfrom("<a@example.net>")
-    assert m.envrcpt("<bob@other.test>") == Milter.REJECT
+    c = Conn(holder, "192.0.2.12")
+    c.mail("<a@example.net>")
+    assert c.rcpt("<bob@other.test>") == Milter.REJECT
     cfg.write_text(cfg.read_text().replace("[local.test]", "[local.test, other.test]"))
     holder.swap(load_config(str(cfg)))
-    assert m.envrcpt("<bob@other.test>") == Milter.REJECT     # the open connection keeps its rules
-    m2, _ = open_conn(holder, "192.0.2.12")
-    m2.envfrom("<a@example.net>")
-    assert m2.envrcpt("<bob@other.test>") == Milter.CONTINUE
+    assert c.rcpt("<bob@other.test>") == Milter.REJECT     # the open connection keeps its rules
+    c2 = Conn(holder, "192.0.2.12")
+    c2.mail("<a@example.net>")
+    assert c2.rcpt("<bob@other.test>") == Milter.CONTINUE
 
 
 class Unprintable:
@@ -189,15 +187,12 @@ class Unprintable:
 
 def test_connect_failure_is_answered_at_mail_and_rcpt(setup):
     holder, _, lines, _ = setup
-    m = adapter.RelayMilter(holder)
-    ctx = Context()
-    m._setctx(ctx)
-    m.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
+    c = Conn(holder, None)
     # connect sends no reply, so it must not fail there; it must not pass either.
-    assert m.connect("host", socket.AF_INET, (Unprintable(), 1)) == Milter.NOREPLY
-    assert m.envfrom("<a@example.net>") == Milter.TEMPFAIL
-    assert m.envrcpt("<bob@local.test>") == Milter.TEMPFAIL
-    assert ctx.replies == [("451", "4.3.0", "Internal error, try again later")] * 2
+    assert c.connect("x", hostaddr=(Unprintable(), 1)) == Milter.NOREPLY
+    assert c.mail("<a@example.net>") == Milter.TEMPFAIL
+    assert c.rcpt("<bob@local.test>") == Milter.TEMPFAIL
+    assert c.replies == [("451", "4.3.0", "Internal error, try again later")] * 2
     holder.decisions.flush()
     assert lines[0].endswith("451 4.3.0 <a@example.net>: Internal error, try again later; "
                              "from=<a@example.net> rule=internal_error")
@@ -205,61 +200,44 @@ def test_connect_failure_is_answered_at_mail_and_rcpt(setup):
 
 def test_exception_in_rcpt_tempfails(setup, caplog):
     holder, _, _, _ = setup
-    m, ctx = open_conn(holder, "192.0.2.13")
-    m.envfrom("<a@example.net>")
 
     class Broken:
+        location = holder.current.relayers.location
+
         def lookup(self, ip: str):
             raise RuntimeError("bug")
 
-    m.rt = adapter.Runtime(holder.current.config, holder.current)
-    m.rt.relayers = Broken()
-    assert m.envrcpt("<bob@remote.example>") == Milter.TEMPFAIL
-    assert ctx.replies[-1] == ("451", "4.3.0", "Internal error, try again later")
+    holder.current.relayers = Broken()
+    c = Conn(holder, "192.0.2.13")
+    c.mail("<a@example.net>")
+    assert c.rcpt("<bob@remote.example>") == Milter.TEMPFAIL
+    assert c.replies[-1] == ("451", "4.3.0", "Internal error, try again later")
     assert "internal error in envrcpt from [192.0.2.13]" in caplog.text
-    assert m.envrcpt("<bob@local.test>") == Milter.CONTINUE   # decided before any lookup
+    assert c.rcpt("<bob@local.test>") == Milter.CONTINUE   # decided before any lookup
 
 
 def test_replies_need_no_percent_escaping():
-    # _set_reply bypasses Base.setreply's '%' check: every reply must be free of '%'.
+    # The adapter calls the context's setreply directly: every reply must be free of '%'.
     table = [v for v in vars(replies).values() if isinstance(v, replies.Reply)]
     assert table and all("%" not in r.text for r in table)
 
 
-class PrivContext(Context):
-    """As libmilter's context through pymilter's C module: it also holds the connection's object."""
-
-    def __init__(self, macros: dict | None = None) -> None:
-        super().__init__(macros)
-        self.priv = None
-
-    def getpriv(self):
-        return self.priv
-
-    def setpriv(self, priv) -> None:
-        self.priv = priv
-
-
-def test_registered_callbacks_run_a_session(setup):
+def test_a_session_runs_through_the_registered_callbacks(setup):
     holder, store, lines, _ = setup
-    funcs = adapter.callbacks(holder)
-    assert set(funcs) == {"negotiate", "connect", "envfrom", "envrcpt", "close"}     # no abort, helo, eom...
-    ctx = PrivContext()
-    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
-    assert funcs["negotiate"](ctx, opts) == Milter.CONTINUE and opts[1] & Milter.P_NR_CONN
-    m = ctx.priv
-    assert isinstance(m, adapter.RelayMilter) and m._ctx is ctx
-    assert funcs["connect"](ctx, "client.example", socket.AF_INET, ("192.0.2.20", 4000)) == Milter.NOREPLY
-    assert funcs["envfrom"](ctx, b"<a@example.net>", b"SIZE=10") == Milter.CONTINUE
-    assert funcs["envrcpt"](ctx, b"<bob@local.test>") == Milter.CONTINUE
-    assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.REJECT
+    c = Conn(holder, None)
+    m = c.connection
+    assert isinstance(m, adapter.Connection) and m.ctx is c.ctx
+    assert c.connect("192.0.2.20", hostname="client.example") == Milter.NOREPLY
+    assert c.mail(b"<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt(b"<bob@local.test>") == Milter.CONTINUE
+    assert c.rcpt(b"<bob@remote.example>") == Milter.REJECT
     store.add({"192.0.2.20": int(time.time())})
-    assert funcs["envfrom"](ctx, b"<a@example.net>") == Milter.CONTINUE        # the next transaction
-    assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.CONTINUE
-    assert funcs["envrcpt"](ctx, b"<j\xf6rg@remote.example>") == Milter.CONTINUE     # not UTF-8: decoded, decided
-    assert ctx.replies == [("550", "5.7.1", "Relaying denied")]
-    assert funcs["close"](ctx) == Milter.CONTINUE
-    assert m._ctx is None           # the context/object cycle is broken, so refcounting frees both
+    assert c.mail(b"<a@example.net>") == Milter.CONTINUE        # the next transaction
+    assert c.rcpt(b"<bob@remote.example>") == Milter.CONTINUE
+    assert c.rcpt(b"<j\xf6rg@remote.example>") == Milter.CONTINUE     # not UTF-8: decoded, decided
+    assert c.replies == [("550", "5.7.1", "Relaying denied")]
+    assert c.close() == Milter.CONTINUE
+    assert m.ctx is None           # the context/object cycle is broken, so refcounting frees both
     holder.decisions.flush()
     assert [line.split(": ", 2)[1] for line in lines] == ["pass", "pass", "reject", "pass", "pass", "pass"]
     assert "from client.example[192.0.2.20]" in lines[0]
@@ -267,45 +245,66 @@ def test_registered_callbacks_run_a_session(setup):
 
 def test_connect_without_negotiation_gets_a_reply(setup):
     holder, _, _, _ = setup
-    funcs = adapter.callbacks(holder)
-    ctx = PrivContext()
+    c = Conn(holder, None, negotiate=False)
     # An MTA that skipped option negotiation expects a reply to connect.
-    assert funcs["connect"](ctx, "[192.0.2.21]", socket.AF_INET, ("192.0.2.21", 4000)) == Milter.CONTINUE
-    assert funcs["envfrom"](ctx, b"<a@example.net>") == Milter.CONTINUE
-    assert funcs["envrcpt"](ctx, b"<bob@remote.example>") == Milter.REJECT
-    assert funcs["close"](PrivContext()) == Milter.CONTINUE      # close before anything else: nothing to do
+    assert c.connect("192.0.2.21") == Milter.CONTINUE
+    assert c.mail(b"<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt(b"<bob@remote.example>") == Milter.REJECT
+    assert adapter.callbacks(holder)["close"](Context()) == Milter.CONTINUE    # close before anything: nothing to do
+
+
+@pytest.mark.parametrize("family, hostaddr", [(socket.AF_UNIX, "/run/sendmail.sock"), (0, None)])
+def test_local_and_unknown_families_are_not_trusted(setup, family, hostaddr):
+    holder, _, lines, _ = setup
+    c = Conn(holder, None)
+    c.funcs["connect"](c.ctx, "localhost", family, hostaddr)
+    assert c.mail("<a@example.net>") == Milter.CONTINUE
+    assert c.rcpt("<bob@remote.example>") == Milter.REJECT
+    assert c.rcpt("<bob@local.test>") == Milter.CONTINUE
+    holder.decisions.flush()
+    assert "rule=default_reject" in lines[-2]
+
+
+def test_trust_local_socket_trusts_a_unix_socket_client_only(setup):
+    holder, _, _, cfg = setup
+    cfg.write_text(cfg.read_text() + "trust_local_socket: true\n")
+    holder.swap(load_config(str(cfg)))
+    c = Conn(holder, None)
+    c.funcs["connect"](c.ctx, "localhost", socket.AF_UNIX, "/run/sendmail.sock")
+    c.mail("<a@example.net>")
+    assert c.rcpt("<bob@remote.example>") == Milter.CONTINUE
+    unknown = Conn(holder, None)
+    unknown.funcs["connect"](unknown.ctx, "localhost", 0, None)
+    unknown.mail("<a@example.net>")
+    assert unknown.rcpt("<bob@remote.example>") == Milter.REJECT
 
 
 def test_clients_are_memoised_per_address_and_bounded(setup, monkeypatch):
     holder, _, _, _ = setup
     rt = holder.current
-    m1, _ = open_conn(holder, "192.0.2.30")
-    m2, _ = open_conn(holder, "192.0.2.30", hostname="named.example")
-    assert m1.client is m2.client and m1.rules is m2.rules
-    assert (m1.client_text, m2.client_text) == ("[192.0.2.30]", "named.example[192.0.2.30]")
-    m3 = adapter.RelayMilter(holder)
-    m3._setctx(Context())
-    m3.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
-    m3.connect("[x]", socket.AF_INET6, ("::ffff:192.0.2.30", 1, 0, 0))
-    assert m3.client.key == "192.0.2.30" and m3.client_text == "[192.0.2.30]"
+    c1 = Conn(holder, "192.0.2.30")
+    c2 = Conn(holder, "192.0.2.30", hostname="named.example")
+    assert c1.connection.session.client is c2.connection.session.client
+    assert (c1.connection.client_text, c2.connection.client_text) == ("[192.0.2.30]", "named.example[192.0.2.30]")
+    c3 = Conn(holder, "::ffff:192.0.2.30", hostname="[x]")
+    assert c3.connection.session.client.key == "192.0.2.30" and c3.connection.client_text == "[192.0.2.30]"
     monkeypatch.setattr(runtime, "MEMO_MAX", 3)
     for k in range(5):
-        open_conn(holder, "192.0.2.%d" % (40 + k))
+        Conn(holder, "192.0.2.%d" % (40 + k))
     assert 0 < len(rt.client_memo) <= 3
     # A trusted client found through the memo is still trusted.
-    m4, _ = open_conn(holder, "127.0.0.1")
-    m5, _ = open_conn(holder, "127.0.0.1")
-    for m in (m4, m5):
-        m.envfrom("<a@example.net>")
-        assert m.envrcpt("<bob@remote.example>") == Milter.CONTINUE
+    for _ in range(2):
+        c = Conn(holder, "127.0.0.1")
+        c.mail("<a@example.net>")
+        assert c.rcpt("<bob@remote.example>") == Milter.CONTINUE
 
 
 def test_unreadable_spammers_map_tempfails_senders_but_not_the_null_sender(setup, tmp_path):
     holder, _, lines, _ = setup
     (tmp_path / "spammers.db").write_bytes(b"not a hash database\n" * 64)
-    m, ctx = open_conn(holder, "192.0.2.50")
-    assert m.envfrom("<a@example.net>") == Milter.TEMPFAIL
-    assert ctx.replies[-1][:2] == ("451", "4.3.0")
-    assert m.envfrom("<>") == Milter.CONTINUE                # never looked up
+    c = Conn(holder, "192.0.2.50")
+    assert c.mail("<a@example.net>") == Milter.TEMPFAIL
+    assert c.replies[-1][:2] == ("451", "4.3.0")
+    assert c.mail("<>") == Milter.CONTINUE                # never looked up
     holder.decisions.flush()
     assert lines[-2].endswith("rule=spammers_unavailable") and lines[-1].endswith("rule=null_sender")

@@ -1,4 +1,4 @@
-"""check_mail / sender_keys / normalize_entry: the spammers list, access-db style."""
+"""MAIL FROM through the decision path, sender_keys, normalize_entry: the spammers list, access-db style."""
 
 from __future__ import annotations
 
@@ -6,25 +6,17 @@ import pytest
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
-from relaymilter.policy import Continue, Reject, TempFail, check_mail, normalize_entry, sender_keys
+from milterpath import MapSources, mail, policy, session
+
+from relaymilter.policy import Continue, Reject, TempFail, normalize_entry, sender_keys
 
 LISTED = Reject(replies.ACCESS_DENIED, "spammers")
 OK = Continue("sender_ok")
 
 
-class SpamMap:
-    """A spammers map built from file lines through normalize_entry, counting lookups."""
-
-    def __init__(self, *lines: str, error: Exception | None = None) -> None:
-        self.keys = {normalize_entry(line) for line in lines}
-        self.error = error
-        self.asked: list[str] = []
-
-    def __call__(self, key: str) -> bool:
-        self.asked.append(key)
-        if self.error is not None:
-            raise self.error
-        return key in self.keys
+def listed(*lines: str) -> frozenset[str]:
+    """A spammers map built from file lines through normalize_entry."""
+    return frozenset(normalize_entry(line) for line in lines)
 
 
 @pytest.mark.parametrize(
@@ -92,36 +84,37 @@ def test_sender_keys(sender: str, keys: list[str]) -> None:
         ([], "<bob@spam.example>", OK),
     ],
 )
-def test_check_mail(entries: list[str], sender: str, expected: object) -> None:
-    assert check_mail(sender, SpamMap(*entries)) == expected
+def test_mail_decision(entries: list[str], sender: str, expected: object) -> None:
+    assert mail(sender, listed(*entries)) == expected
+
+
+def unreadable() -> MapSources:
+    return MapSources(policy(set(), set()), spammers_error=StoreUnavailable("spammers.db: corrupt"))
 
 
 @pytest.mark.parametrize("sender", ["<>", "", " <> ", "< >"])
 def test_null_sender_is_never_refused_and_never_looked_up(sender: str) -> None:
-    lookup = SpamMap("spam.example", error=StoreUnavailable("unreadable"))
-    assert check_mail(sender, lookup) == Continue("null_sender")
-    assert lookup.asked == []
-
-
-def test_stops_at_the_first_hit() -> None:
-    lookup = SpamMap("mail.spam.example")
-    assert check_mail("<bob@mail.spam.example>", lookup) == LISTED
-    assert lookup.asked == ["bob@mail.spam.example", "mail.spam.example"]
+    sources = unreadable()
+    s = session(sources, sender="<x@example.net>")
+    sources.spam_asked = 0
+    assert s.mail(sender, None) == Continue("null_sender")
+    assert sources.spam_asked == 0
 
 
 def test_unreadable_map_tempfails() -> None:
-    lookup = SpamMap(error=StoreUnavailable("spammers.db: corrupt"))
     unavailable = TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
-    assert check_mail("<bob@spam.example>", lookup) == unavailable
+    s = session(unreadable(), sender="<>")
+    assert s.mail("<bob@spam.example>", None) == unavailable
 
 
 def test_unqualified_and_unparseable_senders_pass_without_lookups() -> None:
-    lookup = SpamMap("bob", "spam.example")
-    assert check_mail("<bob>", lookup) == OK
-    assert check_mail("<bob@spam.example@x.example>", lookup) == Continue("sender_unparsed")
-    assert check_mail("<\x00>", lookup) == Continue("sender_unparsed")
-    assert check_mail("<" + "a" * 1000 + "@spam.example>", lookup) == Continue("sender_unparsed")
-    assert lookup.asked == []
+    sources = unreadable()
+    s = session(sources, sender="<>")
+    assert s.mail("<bob>", None) == OK
+    assert s.mail("<bob@spam.example@x.example>", None) == Continue("sender_unparsed")
+    assert s.mail("<\x00>", None) == Continue("sender_unparsed")
+    assert s.mail("<" + "a" * 1000 + "@spam.example>", None) == Continue("sender_unparsed")
+    assert sources.spam_asked == 0
 
 
 @pytest.mark.parametrize(

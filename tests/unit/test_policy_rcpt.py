@@ -1,29 +1,23 @@
-"""check_rcpt: sendmail's check_rcpt order, table-driven (notes/check-rcpt.md)."""
+"""The RCPT decision: sendmail's check_rcpt order, table-driven (notes/check-rcpt.md).
+
+Each row runs through policy.session.Session, the decision path the milter
+uses; the relayers map is held in memory (milterpath.MapSources).
+"""
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
-from collections.abc import Callable
 
 import pytest
+from milterpath import NOW, MapSources, decide as run, session
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
-from relaymilter.policy import (
-    Client,
-    Continue,
-    RcptPolicy,
-    Reject,
-    TempFail,
-    check_mail,
-    check_rcpt,
-    evaluate_rcpt,
-)
+from relaymilter.policy import Continue, RcptPolicy, Reject, Session, TempFail
+from relaymilter.policy.rcpt import UNKNOWN_CLIENT
 
-NOW = 1_700_000_000.0
-UNKNOWN = Client("198.51.100.7")
-RELAYER = Client("203.0.113.5")
+UNKNOWN = "198.51.100.7"
+RELAYER = "203.0.113.5"
 
 # The configuration the table in notes/check-rcpt.md was observed with.
 POLICY = RcptPolicy(
@@ -40,28 +34,18 @@ POLICY = RcptPolicy(
 )
 
 
-class CountingLookup:
-    """A relayers map held in a dict that counts the questions asked."""
-
-    def __init__(self, entries: dict[str, int] | None = None, error: Exception | None = None) -> None:
-        self.entries = entries or {}
-        self.error = error
-        self.asked: list[str] = []
-
-    def __call__(self, ip: str) -> int | None:
-        self.asked.append(ip)
-        if self.error is not None:
-            raise self.error
-        return self.entries.get(ip)
+def sources(entries: dict[str, int] | None = None, error: Exception | None = None,
+            policy: RcptPolicy = POLICY) -> MapSources:
+    return MapSources(policy, entries, error=error)
 
 
-def relayers() -> CountingLookup:
-    return CountingLookup({"203.0.113.5": int(NOW) - 30})
+def relayers(policy: RcptPolicy = POLICY) -> MapSources:
+    return sources({RELAYER: int(NOW) - 30}, policy=policy)
 
 
-def decide(rcpt: str, client: Client = UNKNOWN, policy: RcptPolicy = POLICY,
-           lookup: Callable[[str], int | None] | None = None) -> Continue | Reject | TempFail:
-    return check_rcpt(policy, client, rcpt, lookup or CountingLookup(), NOW)
+def decide(rcpt: str, client: str | None = UNKNOWN, policy: RcptPolicy = POLICY,
+           lookup: MapSources | None = None, auth: str | None = None) -> Continue | Reject | TempFail:
+    return run(rcpt, lookup or sources(policy=policy), client, auth).decision
 
 
 DENIED = Reject(replies.RELAYING_DENIED, "default_reject")
@@ -96,7 +80,7 @@ RELAY_DOMAIN = Continue("relay_domain")
     ],
 )
 def test_notes_table_unknown_client(rcpt: str, expected: object) -> None:
-    lookup = CountingLookup()
+    lookup = sources()
     assert decide(rcpt, lookup=lookup) == expected
     if expected in (LOCAL, RELAY_DOMAIN):
         assert lookup.asked == []
@@ -105,9 +89,9 @@ def test_notes_table_unknown_client(rcpt: str, expected: object) -> None:
 
 
 def test_notes_table_authorised_client_relays_to_the_unwrapped_address() -> None:
-    verdict = evaluate_rcpt(POLICY, RELAYER, "<user%remote.test@mail.local.test>", relayers(), NOW)
+    verdict = run("<user%remote.test@mail.local.test>", relayers(), RELAYER)
     assert verdict.decision == Continue("relayers_db")
-    assert str(verdict.resolved) == "user@remote.test"
+    assert str(verdict.destination.resolved) == "user@remote.test"
 
 
 @pytest.mark.parametrize(
@@ -154,15 +138,14 @@ def test_percent_hack_and_bang_paths_off_keep_the_address_local() -> None:
     assert decide("<remote.test!user>", policy=plain) == LOCAL
     # Quoting still hides a real @, which is never a plain character.
     assert decide('<"user@remote.test"@local.test>', policy=plain) == DENIED
-    verdict = evaluate_rcpt(plain, UNKNOWN, "<user%remote.test@local.test>", CountingLookup(), NOW)
-    assert str(verdict.resolved) == "user%remote.test@local.test"
+    verdict = run("<user%remote.test@local.test>", sources(policy=plain))
+    assert str(verdict.destination.resolved) == "user%remote.test@local.test"
 
 
 @pytest.mark.parametrize(
     "addr, expected",
     [
-        (None, Continue("trusted_network")),
-        ("", Continue("trusted_network")),
+        ("", DENIED),
         ("127.0.0.1", Continue("trusted_network")),
         ("127.45.6.7", Continue("trusted_network")),
         ("::1", Continue("trusted_network")),
@@ -175,22 +158,22 @@ def test_percent_hack_and_bang_paths_off_keep_the_address_local() -> None:
         ("not-an-ip", DENIED),
     ],
 )
-def test_trusted_networks(addr: str | None, expected: object) -> None:
-    lookup = CountingLookup()
-    assert decide("<user@remote.test>", client=Client(addr), lookup=lookup) == expected
+def test_trusted_networks(addr: str, expected: object) -> None:
+    lookup = sources()
+    assert decide("<user@remote.test>", client=addr, lookup=lookup) == expected
     if expected != DENIED:
         assert lookup.asked == []
 
 
 def test_ipv4_mapped_client_is_looked_up_as_the_dotted_quad() -> None:
-    lookup = CountingLookup({"203.0.113.5": int(NOW)})
-    assert decide("<user@remote.test>", client=Client("::ffff:203.0.113.5"), lookup=lookup) == Continue("relayers_db")
+    lookup = sources({"203.0.113.5": int(NOW)})
+    assert decide("<user@remote.test>", client="::ffff:203.0.113.5", lookup=lookup) == Continue("relayers_db")
     assert lookup.asked == ["203.0.113.5"]
 
 
 def test_ipv6_relayer() -> None:
-    lookup = CountingLookup({"2001:db8:5::7": int(NOW)})
-    assert decide("<user@remote.test>", client=Client("2001:db8:5::7"), lookup=lookup) == Continue("relayers_db")
+    lookup = sources({"2001:db8:5::7": int(NOW)})
+    assert decide("<user@remote.test>", client="2001:db8:5::7", lookup=lookup) == Continue("relayers_db")
 
 
 @pytest.mark.parametrize(
@@ -204,13 +187,13 @@ def test_ipv6_relayer() -> None:
 )
 def test_authenticated(permit: bool, authen: str | None, expected: object) -> None:
     policy = RcptPolicy(POLICY.local_domains, POLICY.relay_domains, (), permit, None)
-    assert decide("<user@remote.test>", client=Client("198.51.100.7", authen), policy=policy) == expected
+    assert decide("<user@remote.test>", policy=policy, auth=authen) == expected
 
 
 def test_authenticated_but_not_permitted_still_relays_from_relayers_db() -> None:
     policy = RcptPolicy(POLICY.local_domains, POLICY.relay_domains, (), False, None)
-    assert decide("<user@remote.test>", client=Client("203.0.113.5", "alice"), policy=policy,
-                  lookup=relayers()) == Continue("relayers_db")
+    assert decide("<user@remote.test>", client=RELAYER, policy=policy, auth="alice",
+                  lookup=relayers(policy)) == Continue("relayers_db")
 
 
 WINDOW = 60
@@ -228,17 +211,17 @@ WINDOW = 60
 )
 def test_window(stamp: float, expected: object) -> None:
     policy = RcptPolicy(POLICY.local_domains, POLICY.relay_domains, (), True, WINDOW)
-    lookup = CountingLookup({"203.0.113.5": int(stamp)})
+    lookup = sources({"203.0.113.5": int(stamp)}, policy=policy)
     assert decide("<user@remote.test>", client=RELAYER, policy=policy, lookup=lookup) == expected
 
 
 def test_no_window_presence_suffices_however_old() -> None:
-    lookup = CountingLookup({"203.0.113.5": 0})
+    lookup = sources({"203.0.113.5": 0})
     assert decide("<user@remote.test>", client=RELAYER, lookup=lookup) == Continue("relayers_db")
 
 
 def test_unreadable_relayers_tempfails_relay_attempts_only() -> None:
-    lookup = CountingLookup(error=StoreUnavailable("relayers.db: corrupt"))
+    lookup = sources(error=StoreUnavailable("relayers.db: corrupt"))
     unavailable = TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable")
     assert decide("<user@remote.test>", client=RELAYER, lookup=lookup) == unavailable
     assert decide("<user%remote.test@local.test>", client=RELAYER, lookup=lookup) == unavailable
@@ -248,22 +231,55 @@ def test_unreadable_relayers_tempfails_relay_attempts_only() -> None:
     assert decide("<user@sub.relayed.test>", client=RELAYER, lookup=lookup) == RELAY_DOMAIN
     assert len(lookup.asked) == 2  # no lookup for local or relay-domain recipients
     # Trusted clients never need the map either.
-    assert decide("<user@remote.test>", client=Client("127.0.0.1"), lookup=lookup) == Continue("trusted_network")
+    assert decide("<user@remote.test>", client="127.0.0.1", lookup=lookup) == Continue("trusted_network")
     assert len(lookup.asked) == 2
 
 
 def test_other_lookup_errors_propagate_for_the_adapter_to_tempfail() -> None:
-    lookup = CountingLookup(error=RuntimeError("bug"))
+    lookup = sources(error=RuntimeError("bug"))
     with pytest.raises(RuntimeError):
         decide("<user@remote.test>", client=RELAYER, lookup=lookup)
 
 
 def test_the_sender_is_not_an_input_and_a_local_sender_grants_nothing() -> None:
-    params = list(inspect.signature(check_rcpt).parameters)
-    assert params == ["policy", "client", "rcpt", "relay_lookup", "now"]
     for sender in ("<user@local.test>", "<postmaster@[192.0.2.10]>", "<>", "<user>"):
-        assert check_mail(sender, lambda key: False) in (Continue("sender_ok"), Continue("null_sender"))
-        assert decide("<user@remote.test>") == DENIED
+        s = Session(sources(), clock=lambda: NOW)
+        s.connect(POLICY.client(UNKNOWN))
+        assert s.mail(sender, None) in (Continue("sender_ok"), Continue("null_sender"))
+        assert s.rcpt("<user@remote.test>").decision == DENIED
+
+
+def test_a_session_with_no_connect_is_a_stranger() -> None:
+    lookup = sources()
+    s = Session(lookup, clock=lambda: NOW)
+    assert s.client is UNKNOWN_CLIENT
+    assert s.rcpt("<user@remote.test>").decision == DENIED            # RCPT before MAIL: decided all the same
+    s.mail("<a@local.test>", None)
+    assert s.rcpt("<user@remote.test>").decision == DENIED
+    assert s.rcpt("<user@local.test>").decision == LOCAL
+    assert lookup.asked == []                                           # no address: nothing to look up
+
+
+@pytest.mark.parametrize("trust, expected", [(False, DENIED), (True, Continue("trusted_network"))])
+def test_a_local_socket_is_trusted_only_when_configured(trust: bool, expected: object) -> None:
+    policy = RcptPolicy(POLICY.local_domains, POLICY.relay_domains, POLICY.trusted_networks, True, None,
+                        trust_local_socket=trust)
+    s = Session(sources(policy=policy), clock=lambda: NOW)
+    s.connect(policy.local_client())
+    s.mail("<a@local.test>", None)
+    assert s.rcpt("<user@remote.test>").decision == expected
+
+
+def test_relayers_read_once_per_transaction() -> None:
+    lookup = relayers()
+    s = session(lookup, RELAYER)
+    for rcpt in ("<a@remote.test>", "<b@remote.test>", "<c@local.test>", "<d@else.test>"):
+        assert s.rcpt(rcpt).decision.rule in ("relayers_db", "local_domain")
+    assert lookup.asked == [RELAYER]
+    s.mail("<a@example.net>", None)
+    lookup.entries.clear()
+    assert s.rcpt("<a@remote.test>").decision == DENIED       # the next MAIL reads the map again
+    assert lookup.asked == [RELAYER] * 2
 
 
 MALFORMED = Reject(replies.MALFORMED_ADDRESS, "malformed_address")
@@ -297,15 +313,14 @@ MALFORMED = Reject(replies.MALFORMED_ADDRESS, "malformed_address")
     ],
 )
 def test_bad_input_is_a_decision_never_an_exception(rcpt: str) -> None:
-    lookup = CountingLookup()
-    verdict = evaluate_rcpt(POLICY, UNKNOWN, rcpt, lookup, NOW)
+    verdict = run(rcpt, sources())
     assert verdict.decision == MALFORMED
-    assert verdict.resolved is None and verdict.error
+    assert verdict.destination.resolved is None and verdict.destination.error
     # Clients that may relay get through: the MTA judges the syntax.
-    assert check_rcpt(POLICY, Client("127.0.0.1"), rcpt, lookup, NOW) == Continue("trusted_network")
-    assert check_rcpt(POLICY, RELAYER, rcpt, relayers(), NOW) == Continue("relayers_db")
-    unreadable = CountingLookup(error=StoreUnavailable("x"))
-    assert check_rcpt(POLICY, UNKNOWN, rcpt, unreadable, NOW).rule == "relayers_unavailable"
+    assert decide(rcpt, client="127.0.0.1") == Continue("trusted_network")
+    assert decide(rcpt, client=RELAYER, lookup=relayers()) == Continue("relayers_db")
+    unreadable = sources(error=StoreUnavailable("x"))
+    assert decide(rcpt, lookup=unreadable).rule == "relayers_unavailable"
 
 
 @pytest.mark.parametrize(
@@ -323,8 +338,9 @@ def test_smtputf8_addresses_are_decided(rcpt: str, expected: object) -> None:
 
 
 def test_verdict_names_the_resolved_address_for_the_log() -> None:
-    verdict = evaluate_rcpt(POLICY, UNKNOWN, '<"user@Remote.Test."@LOCAL.test>', CountingLookup(), NOW)
+    verdict = run('<"user@Remote.Test."@LOCAL.test>', sources())
     assert verdict.decision == DENIED
-    assert verdict.resolved is not None
-    assert (verdict.resolved.local_part, verdict.resolved.domain) == ("user", "remote.test")
-    assert verdict.error is None
+    resolved = verdict.destination.resolved
+    assert resolved is not None
+    assert (resolved.local_part, resolved.domain) == ("user", "remote.test")
+    assert verdict.destination.error is None

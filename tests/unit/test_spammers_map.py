@@ -8,12 +8,12 @@ import threading
 import time
 
 import pytest
+from milterpath import mail
 from berkeleydb import db
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Reject, TempFail
-from relaymilter.policy.mail import check_mail
 from relaymilter.store.bdb import RACY_NS, write_map
 from relaymilter.store.spammers import SpammersMap, write_db
 
@@ -166,7 +166,7 @@ def test_corrupt_file_keeps_the_last_good_list(smap, path, caplog, corrupt):
     keep_looking(smap, "spam.example", True)
     assert smap.contains(good[-1])
     assert not smap.contains("other.example")
-    assert check_mail("<x@spam.example>", smap.contains) == Reject(replies.ACCESS_DENIED, "spammers")
+    assert mail("<x@spam.example>", listed=smap.members) == Reject(replies.ACCESS_DENIED, "spammers")
     errs = errors(caplog)
     assert len(errs) == 1, errs
     assert path in errs[0] and "keeping the last good spammers list (5001 entries)" in errs[0]
@@ -194,9 +194,9 @@ def test_corrupt_with_no_good_list_yet_raises_and_tempfails(smap, path, caplog):
         with pytest.raises(StoreUnavailable) as info:
             smap.contains("spam.example")
         assert str(info.value).startswith(path + ": cannot read as a hash database")
-    assert check_mail("<x@spam.example>", smap.contains) == TempFail(
+    assert mail("<x@spam.example>", listed=smap.members) == TempFail(
         replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
-    assert check_mail("<>", smap.contains).rule == "null_sender"
+    assert mail("<>", listed=smap.members).rule == "null_sender"
     errs = errors(caplog)
     assert len(errs) == 1 and "sender checks will tempfail" in errs[0]
     write_db(path, ["spam.example"])

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from milterpath import mail
 
 from relaymilter.errors import ConfigError
 from relaymilter.policy.decision import Continue, Reject
-from relaymilter.policy.mail import check_mail, normalize_entry, sender_keys
+from relaymilter.policy.mail import normalize_entry, sender_keys
 from relaymilter.store.spammers import (
     SpammersMap,
     SpammersSourceError,
@@ -199,7 +200,7 @@ def sample_map(tmp_path_factory):
 def test_sender_lookups(sample_map, sender, listed):
     assert sample_map.lookup(sender_keys(sender)) is listed
     assert any(sample_map.contains(k) for k in sender_keys(sender)) is listed
-    decision = check_mail(sender, sample_map.contains)
+    decision = mail(sender, listed=sample_map.members)
     assert isinstance(decision, Reject if listed else Continue)
 
 

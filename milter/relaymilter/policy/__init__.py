@@ -2,8 +2,10 @@
     relaymilter.policy - the pure decision core
 
 DESCRIPTION
-    Address resolution (address), the RCPT TO decision (rcpt) and the MAIL
-    FROM check (mail).  Decisions are values (decision); the maps are asked
+    Address resolution (address), where a recipient goes and who the client
+    is (rcpt), the spammers keys of a sender (mail), and the one decision
+    path that puts them together for a connection (session).  Decisions are
+    values (decision); the maps are asked
     through lookup callables handed in, so nothing here opens a file, a
     socket or a database, and everything is tested without them.
 
@@ -22,23 +24,29 @@ from relaymilter.policy.address import (
     resolve,
 )
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.mail import check_mail, normalize_entry, sender_keys
-from relaymilter.policy.rcpt import Client, RcptPolicy, RcptVerdict, check_rcpt, evaluate_rcpt
+from relaymilter.policy.mail import SenderKeys, mail_plan, normalize_entry, sender_keys
+from relaymilter.policy.rcpt import Client, Destination, Place, RcptPolicy, destination
+from relaymilter.policy.session import RcptVerdict, Session, Sources, Standing
 
 __all__ = [
     "BadAddress",
     "Client",
     "Continue",
     "Decision",
+    "Destination",
+    "Place",
     "RcptPolicy",
     "RcptVerdict",
     "Reject",
     "Resolved",
+    "SenderKeys",
+    "Session",
+    "Sources",
+    "Standing",
     "TempFail",
-    "check_mail",
-    "check_rcpt",
-    "evaluate_rcpt",
+    "destination",
     "is_null",
+    "mail_plan",
     "normalize_domain",
     "normalize_entry",
     "parent_domains",

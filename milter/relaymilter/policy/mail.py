@@ -25,9 +25,11 @@ DESCRIPTION
     normalize_entry() turns a line of the spammers file into the key the
     lookups will use, through the same code, so the two always agree.
 
+    The lookup is made by relaymilter.policy.session at every MAIL FROM.
+
 DIAGNOSTICS
-    StoreUnavailable from the lookup -> 451 4.3.0 (spammers_unavailable).
-    A sender that cannot be parsed passes (sender_unparsed): sendmail has
+    An unreadable spammers map -> 451 4.3.0 (SPAMMERS_UNAVAILABLE, answered
+    by the session).  A sender that cannot be parsed passes (sender_unparsed): sendmail has
     already refused anything truly malformed before the milter sees it.
     normalize_entry() raises ValueError with a short reason.
 
@@ -36,10 +38,9 @@ Stdlib only: part of the pure policy core.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Set as AbstractSet
+from typing import NamedTuple
 
 from relaymilter import replies
-from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import parse_ip
 from relaymilter.policy.address import (
     BadAddress,
@@ -83,52 +84,34 @@ def sender_keys(sender: str) -> list[str]:
     return _address_keys(resolved)
 
 
-_SENDER_OK = Continue("sender_ok")
-_NULL_SENDER = Continue("null_sender")
-_SENDER_UNPARSED = Continue("sender_unparsed")
-_SPAMMER = Reject(replies.ACCESS_DENIED, "spammers")
+class SenderKeys(NamedTuple):
+    """The spammers-map keys of a sender, in lookup order (ASCII-lowercased)."""
+
+    keys: tuple[str, ...]
+
+
+SENDER_OK = Continue("sender_ok")
+NULL_SENDER = Continue("null_sender")
+SENDER_UNPARSED = Continue("sender_unparsed")
+SPAMMER = Reject(replies.ACCESS_DENIED, "spammers")
 SPAMMERS_UNAVAILABLE = TempFail(replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
 
 
-def mail_plan(sender: str) -> tuple[str, ...] | Decision:
-    """The spammers keys check_mail looks up for *sender*, or its decision when it needs none.
+def mail_plan(sender: str) -> SenderKeys | Decision:
+    """The spammers keys to look up for *sender*, or its decision when it needs no lookup.
 
-    Depends only on the sender text, so a caller may memoise it; the lookups
-    themselves belong to each MAIL FROM (check_keys).
+    Depends only on the sender text, so a caller may memoise it; the lookup
+    itself belongs to each MAIL FROM (relaymilter.policy.session).
     """
     if is_null(sender):
-        return _NULL_SENDER
+        return NULL_SENDER
     try:
         resolved = resolve(sender)
     except BadAddress:
-        return _SENDER_UNPARSED
+        return SENDER_UNPARSED
     if resolved.domain is None:
-        return _SENDER_OK
-    return tuple(_address_keys(resolved))
-
-
-def check_keys(keys: tuple[str, ...], spam_lookup: Callable[[str], bool]) -> Decision:
-    """Refuse the sender when any of its keys (from mail_plan) is listed."""
-    try:
-        for key in keys:
-            if spam_lookup(key):
-                return _SPAMMER
-    except StoreUnavailable:
-        return SPAMMERS_UNAVAILABLE
-    return _SENDER_OK
-
-
-def check_listed(keys: tuple[str, ...], listed: AbstractSet[str]) -> Decision:
-    """check_keys() against the whole list at once (one set operation: the milter's hot path)."""
-    return _SENDER_OK if listed.isdisjoint(keys) else _SPAMMER
-
-
-def check_mail(sender: str, spam_lookup: Callable[[str], bool]) -> Decision:
-    """Refuse a sender listed in the spammers map (see the module notes)."""
-    plan = mail_plan(sender)
-    if isinstance(plan, tuple):
-        return check_keys(plan, spam_lookup)
-    return plan
+        return SENDER_OK
+    return SenderKeys(tuple(ascii_lower(key) for key in _address_keys(resolved)))
 
 
 def _check_host(domain: str) -> str:

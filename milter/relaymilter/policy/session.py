@@ -1,0 +1,195 @@
+"""NAME
+    relaymilter.policy.session - the one decision path: every MAIL and RCPT verdict of a connection
+
+DESCRIPTION
+    The adapter keeps one Session per SMTP connection, tells it who connected
+    and asks it for a verdict at each MAIL and RCPT; it only turns the value
+    into a pymilter return.  The tests drive the adapter's registered
+    callbacks, so what they judge is what production runs.
+
+    The client's standing, worked out once per transaction (at the first
+    RCPT that needs it; relayers.db is read at most once between two MAILs,
+    so a vsmtprelay add or delete counts from the next MAIL on):
+
+        TRUSTED         inside trusted_networks (or a trusted local socket)
+        AUTHENTICATED   {auth_authen} set and permit_authenticated
+        LISTED          its address in relayers.db (recent enough, if a
+                        window is set)
+        STRANGER        none of these; also any session the milter cannot
+                        place (no CONNECT, an unknown address family)
+        UNAVAILABLE     relayers.db could not be read: neither listed nor
+                        known to be a stranger
+
+    RCPT TO, in this order; the first that answers wins (DESIGN section 3).
+    The rule families marked [..] are optional steps, and each has one place:
+
+      1. resolution     Sources.destination(rcpt): the resolved recipient
+                        and its Place, or why it cannot be parsed.
+      2. local domain   Place.LOCAL -> Continue(local_domain).
+                        [local_recipients] goes first here: it receives the
+                        resolved recipient and refuses an unknown user 550
+                        5.1.1 for every client (451 if its source is
+                        unreadable).
+      3. relay domain   Place.RELAY -> Continue(relay_domain).
+         [dnsbl] comes after 2 and 3, before the Continue is returned: it
+                        receives the session (standing(), client) and applies
+                        only to a STRANGER whose recipient would otherwise be
+                        accepted.
+      4. client rules   Place.ELSEWHERE or UNPARSED: standing() TRUSTED,
+                        AUTHENTICATED or LISTED -> Continue(rule);
+                        UNAVAILABLE -> 451 4.3.0 relayers_unavailable.
+                        [limits] goes after a Continue here, the only place a
+                        session relays: it receives the session (identity:
+                        the AUTH user, else the POP user of client.key, else
+                        client.key) and the resolved recipient.
+      5. refusal        550 5.7.1 Relaying denied (553 5.1.3 for an address
+                        that cannot be parsed).
+
+    A rule family in warn-only mode answers as if it had passed and has its
+    refusal logged as "would reject"; that is decided where the family's
+    step returns, never further out.
+
+    MAIL FROM: the null sender passes unasked; otherwise the sender's keys
+    (policy.mail.mail_plan) are matched against the whole spammers list.
+    The sender is never an input of the RCPT decision: granting relay on MAIL
+    FROM (FEATURE(relay_local_from)) is an open relay for anyone who forges
+    a local sender.
+
+DIAGNOSTICS
+    StoreUnavailable from a map -> 451 4.3.0 (relayers_unavailable at RCPT
+    for a relay attempt, spammers_unavailable at MAIL); local and relay-domain
+    recipients are decided before any lookup, so an unreadable map never
+    blocks them.  Any other exception propagates: the adapter tempfails it.
+
+Stdlib only: part of the pure policy core.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Set as AbstractSet
+from typing import NamedTuple, Optional, Protocol
+
+from relaymilter import replies
+from relaymilter.errors import StoreUnavailable
+from relaymilter.policy.decision import Continue, Decision, TempFail
+from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
+from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place, RcptPolicy
+
+
+class Standing(enum.Enum):
+    """What the client rules make of the client in this transaction (see the module notes)."""
+
+    TRUSTED = "trusted_network"
+    AUTHENTICATED = "authenticated"
+    LISTED = "relayers_db"
+    STRANGER = "stranger"
+    UNAVAILABLE = "relayers_unavailable"
+
+
+class Sources(Protocol):
+    """What a session decides with: the policy and its maps (relaymilter.runtime.Runtime)."""
+
+    policy: RcptPolicy
+
+    def destination(self, rcpt: str) -> Destination:
+        """policy.rcpt.destination() for *rcpt* (may be memoised)."""
+
+    def mail_plan(self, sender: str) -> SenderKeys | Decision:
+        """policy.mail.mail_plan() for *sender* (may be memoised)."""
+
+    def relayers_stamp(self, key: str) -> Optional[int]:
+        """The login time relayers.db holds for *key*, None if absent; StoreUnavailable if unreadable."""
+
+    def spammers_listed(self) -> AbstractSet[str]:
+        """Every key of the spammers map; StoreUnavailable if unreadable."""
+
+
+class RcptVerdict(NamedTuple):
+    """A RCPT decision and the destination it was made for (the log line shows both)."""
+
+    decision: Decision
+    destination: Destination
+
+
+LOCAL_DOMAIN = Continue("local_domain")
+RELAY_DOMAIN = Continue("relay_domain")
+RELAYERS_UNAVAILABLE = TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable")
+_GRANTED = {s: Continue(s.value) for s in (Standing.TRUSTED, Standing.AUTHENTICATED, Standing.LISTED)}
+
+
+class Session:
+    """One SMTP connection's decisions, in the order the MTA asks for them."""
+
+    __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing")
+
+    def __init__(self, sources: Sources, clock: Callable[[], float] = time.time) -> None:
+        self.sources = sources
+        self.clock = clock                  # for the relayers window
+        self.client = UNKNOWN_CLIENT        # until CONNECT says otherwise: never trusted
+        self.auth: Optional[str] = None     # {auth_authen} of the current transaction
+        self.sender = "<>"
+        self._standing: Optional[Standing] = None
+
+    def connect(self, client: Client) -> None:
+        """A new SMTP session from *client* (RcptPolicy.client / local_client, or UNKNOWN_CLIENT)."""
+        self.client = client
+        self.auth = None
+        self.sender = "<>"
+        self._standing = None
+
+    def mail(self, sender: str, auth: Optional[str]) -> Decision:
+        """MAIL FROM: a new transaction; refuse a sender listed in the spammers map."""
+        self.sender = sender
+        self.auth = auth or None
+        self._standing = None
+        plan = self.sources.mail_plan(sender)
+        if not isinstance(plan, SenderKeys):
+            return plan
+        try:
+            listed = self.sources.spammers_listed()
+        except StoreUnavailable:
+            return SPAMMERS_UNAVAILABLE
+        return SENDER_OK if listed.isdisjoint(plan.keys) else SPAMMER
+
+    def rcpt(self, rcpt: str) -> RcptVerdict:
+        """RCPT TO: the steps of the module notes, in order."""
+        dest = self.sources.destination(rcpt)
+        place = dest.place
+        if place is Place.LOCAL:
+            return RcptVerdict(LOCAL_DOMAIN, dest)
+        if place is Place.RELAY:
+            return RcptVerdict(RELAY_DOMAIN, dest)
+        standing = self.standing()
+        granted = _GRANTED.get(standing)
+        if granted is not None:
+            return RcptVerdict(granted, dest)
+        if standing is Standing.UNAVAILABLE:
+            return RcptVerdict(RELAYERS_UNAVAILABLE, dest)
+        return RcptVerdict(dest.refusal, dest)
+
+    def standing(self) -> Standing:
+        """The client's standing in this transaction, worked out at most once per transaction."""
+        standing = self._standing
+        if standing is None:
+            standing = self._standing = self._judge()
+        return standing
+
+    def _judge(self) -> Standing:
+        client, policy = self.client, self.sources.policy
+        if client.trusted:
+            return Standing.TRUSTED
+        if self.auth and policy.permit_authenticated:
+            return Standing.AUTHENTICATED
+        if not client.key:
+            return Standing.STRANGER
+        try:
+            stamp = self.sources.relayers_stamp(client.key)
+        except StoreUnavailable:
+            return Standing.UNAVAILABLE
+        if stamp is None:
+            return Standing.STRANGER
+        if policy.window is not None and stamp + policy.window * 60 < self.clock():
+            return Standing.STRANGER
+        return Standing.LISTED
