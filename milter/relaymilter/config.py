@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from relaymilter import pydeps
 from relaymilter.errors import ConfigError
 from relaymilter.policy.address import BadAddress
 from relaymilter.policy.address import normalize_domain as policy_normalize_domain
@@ -247,8 +248,8 @@ def _check_redis_url(rel: Mapping, url: str) -> None:
     """A bad Redis URL or option stops start-up here, not at the first relay attempt."""
     try:
         from relaymilter.store.redisurl import parse_store_url  # needs redis-py: only for a url
-    except ImportError:
-        raise rel.err("url", "a Redis URL needs the redis Python package (pip install 'relaymilter[redis]')") from None
+    except ModuleNotFoundError as exc:
+        raise rel.err("url", pydeps.missing(exc) or str(exc)) from None
     try:
         parse_store_url(url)
     except ValueError as exc:

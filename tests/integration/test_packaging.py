@@ -1,26 +1,35 @@
-"""The Debian package, end to end: build, install, run what it installed, verify its units, purge.
+"""The Debian package, end to end: dpkg-buildpackage, lintian, install, upgrade, run, verify the units, remove, purge.
 
-One module-scoped build (packaging/debian/build-deb.sh; pip's wheel cache
-keeps a rebuild to seconds) and one install with dpkg -i. Then the installed
-commands run from /usr/bin with nothing of the checkout on their path; the
-installed milter runs as the package's user with the unit's umask on a unix
-socket and answers relay questions, reloads on SIGHUP and stops on SIGTERM;
-the expire unit's own command expires a real map; systemd-analyze verifies
-every installed unit (it needs the binaries and man pages the units name,
-which is why this runs on the installed package). The last test purges the
-package and checks nothing is left. The shipped Postfix snippet is checked
-by Postfix's own postconf, from the Debian postfix package unpacked in a
-temporary folder (postfix conflicts with sendmail-bin, so it is never
-installed).
+packaging/scripts/build-deb.sh builds the package twice with dpkg-buildpackage
+(the tree as it is, and the same tree as an older version for the upgrade);
+lintian must pass the result with no error, warning, info or pedantic tag left
+(overrides carry their reason). The older build is installed with dpkg -i, an
+administrator's changes are made (configuration edited, relayers.db and
+spammers.db filled, as the package's user), and the current build is
+installed over it: the changes must survive. Then the installed commands run
+from /usr/bin with Debian's python3 and modules, nothing of the checkout on
+their path; the installed milter runs as the package's user with the unit's
+umask on a unix socket, answers relay questions, reloads on SIGHUP and stops
+on SIGTERM; the expire unit's own command expires the packaged map;
+systemd-analyze verifies every installed unit (it needs the binaries and man
+pages the units name, which is why this runs on the installed package). The
+last test removes the package (configuration and maps stay) and purges it
+(nothing stays but the system user, as Debian does). The shipped Postfix
+snippet is checked by Postfix's own postconf, from the Debian postfix package
+unpacked in a temporary folder (postfix conflicts with sendmail-bin, so it is
+never installed).
 
-Needs root and dpkg; a machine that already has a relaymilter package
-installed is left alone (the module is skipped).
+Needs root, dpkg-dev, lintian and the Build-Depends of packaging/debian/control
+(packaging/scripts/deps.sh --test); a machine that already has a relaymilter
+package installed is left alone (the module is skipped).
 """
 
 from __future__ import annotations
 
 import calendar
+import fcntl
 import grp
+import hashlib
 import os
 import pwd
 import re
@@ -32,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import pytest
 
@@ -43,7 +52,14 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted(p.name for p in (ROOT / "packaging" / "systemd").iterdir() if p.suffix in (".service", ".timer"))
 SYSTEM_CONFIG = "/etc/relaymilter/relaymilter.yaml"
+STATE = Path("/var/lib/relaymilter")
+SITE = "/usr/lib/python3/dist-packages"
+COMMANDS = ("relaymilter", "vsmtprelay", "vnewspammers", "relaymilter-popwatch", "relaymilter-test",
+            "relaymilter-mirror")
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+PREVIOUS = __version__ + "-0"
+CURRENT = __version__ + "-1"
+LOCK = "/run/lock/relaymilter-package-test.lock"
 
 
 def run(cmd: list[str], timeout: float = 120, check: bool = True, env: dict | None = None,
@@ -54,9 +70,14 @@ def run(cmd: list[str], timeout: float = 120, check: bool = True, env: dict | No
     return proc
 
 
-def package_installed() -> bool:
+def package_status() -> str:
+    """dpkg's status of relaymilter ("install ok installed", "deinstall ok config-files", ...) or ""."""
     proc = run(["dpkg-query", "-W", "-f=${Status}", "relaymilter"], check=False)
-    return proc.returncode == 0 and "installed" in proc.stdout
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def package_installed() -> bool:
+    return package_status() == "install ok installed"
 
 
 def dpkg(*args: str) -> subprocess.CompletedProcess:
@@ -74,35 +95,95 @@ def unit_setting(unit: str, key: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"^%s=(.*)$" % re.escape(key), text, re.M)]
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("installing a .deb needs root")
-    for tool in ("dpkg", "dpkg-deb", "systemd-analyze", "setpriv", "runuser"):
-        if shutil.which(tool) is None:
-            pytest.fail("%s is missing: run packaging/scripts/deps.sh --test" % tool)
-    if package_installed():
-        pytest.skip("a relaymilter package is installed on this machine; not touching it")
-    out = tmp_path_factory.mktemp("deb")
-    env = dict(os.environ)
-    env.pop("VIRTUAL_ENV", None)
+def digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Builds(NamedTuple):
+    previous: Path
+    current: Path
+    changes: Path
+
+
+def build(out: Path, version: str | None) -> Path:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    if version:
+        env["DEB_VERSION"] = version
     started = time.monotonic()
-    proc = run(["bash", str(ROOT / "packaging" / "debian" / "build-deb.sh"), str(out)], timeout=900, env=env)
+    proc = run(["bash", str(ROOT / "packaging" / "scripts" / "build-deb.sh"), str(out)], timeout=900, env=env)
     path = Path(proc.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.parent == out, proc.stdout
-    assert path.name == "relaymilter_%s-1_%s.deb" % (__version__, run(["dpkg", "--print-architecture"]).stdout.strip())
-    print("build-deb.sh took %.1f s" % (time.monotonic() - started))
+    print("build-deb.sh (%s) took %.1f s" % (version or "as is", time.monotonic() - started))
     return path
 
 
 @pytest.fixture(scope="module")
-def installed(deb) -> Iterator[Path]:
-    proc = dpkg("-i", str(deb))
+def package_lock() -> Iterator[None]:
+    """One installed-package test at a time on this machine (several checkouts may run the suite at once)."""
+    with open(LOCK, "a") as fh:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("%s: another installed-package test held it for 15 minutes" % LOCK)
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory, package_lock) -> Builds:
+    if os.geteuid() != 0:
+        pytest.skip("installing a .deb needs root")
+    for tool in ("dpkg", "dpkg-deb", "dpkg-buildpackage", "lintian", "systemd-analyze", "setpriv", "runuser"):
+        if shutil.which(tool, path=CLEAN_ENV["PATH"]) is None:
+            pytest.fail("%s is missing: run packaging/scripts/deps.sh --test" % tool)
+    if package_status():
+        pytest.skip("a relaymilter package is installed on this machine; not touching it")
+    previous = build(tmp_path_factory.mktemp("deb-previous"), PREVIOUS)
+    current = build(tmp_path_factory.mktemp("deb"), None)
+    assert previous.name == "relaymilter_%s_all.deb" % PREVIOUS
+    assert current.name == "relaymilter_%s_all.deb" % CURRENT
+    changes, = current.parent.glob("relaymilter_%s_*.changes" % CURRENT)
+    return Builds(previous, current, changes)
+
+
+class Upgrade(NamedTuple):
+    config: str             # the administrator's edited configuration
+    relayers: str           # vsmtprelay dump before the upgrade
+    spammers_db: str        # digest of spammers.db before the upgrade
+
+
+@pytest.fixture(scope="module")
+def installed(debs) -> Iterator[Upgrade]:
+    """The previous build installed and used, then the current build installed over it."""
+    missing = [d.strip().split()[0] for d in run(["dpkg-deb", "-f", str(debs.current), "Depends"]).stdout.split(",")]
+    missing = [d for d in missing if ":" not in d and run(["dpkg-query", "-W", "-f=${Status}", d],
+                                                          check=False).stdout != "install ok installed"]
+    assert not missing, "not installed: %s (packaging/scripts/deps.sh --test installs them)" % " ".join(missing)
     try:
+        proc = dpkg("-i", str(debs.previous))
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield deb
+        assert run(["dpkg-query", "-W", "-f=${Version}", "relaymilter"]).stdout == PREVIOUS
+        # An administrator's changes: a local domain, a login, a spammers list built as the package's user.
+        config = Path(SYSTEM_CONFIG).read_text()
+        assert config.count("\nlocal_domains: []") == 1, "the packaged configuration changed: adapt this test"
+        edited = config.replace("\nlocal_domains: []", "\nlocal_domains: [upgrade.example]")
+        Path(SYSTEM_CONFIG).write_text(edited)
+        run(["/usr/bin/vsmtprelay", "add", "203.0.113.8", "906502527"])
+        Path("/etc/relaymilter/spammers").write_text("spammer@upgrade.example\n")
+        run(["runuser", "-u", "relaymilter", "--", "/usr/bin/vnewspammers"])
+        before = Upgrade(edited, run(["/usr/bin/vsmtprelay", "dump"]).stdout, digest(STATE / "spammers.db"))
+        proc = dpkg("-i", str(debs.current))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield before
     finally:
-        if package_installed() or run(["dpkg-query", "-W", "relaymilter"], check=False).returncode == 0:
+        if package_status():
             dpkg("-P", "relaymilter")
 
 
@@ -119,44 +200,73 @@ def shared_dir() -> Iterator[Path]:
 
 # --- the package file -------------------------------------------------------------
 
-def test_package_metadata(deb):
+def test_package_metadata(debs):
+    deb = debs.current
     fields = {name: run(["dpkg-deb", "-f", str(deb), name]).stdout.strip()
               for name in ("Package", "Version", "Depends", "Architecture")}
-    assert fields["Package"] == "relaymilter" and fields["Version"] == __version__ + "-1"
+    assert fields["Package"] == "relaymilter" and fields["Version"] == CURRENT
+    # Pure Python: the compiled parts are Debian's own modules, so Debian's security updates reach them.
+    assert fields["Architecture"] == "all"
     depends = {d.strip().split(" ")[0] for d in fields["Depends"].split(",")}
-    # The interpreter is Debian's (never a private build), the libraries those the modules link.
-    assert {"libmilter1.0.1", "libdb5.3", "adduser", "init-system-helpers"} <= depends
-    assert any(re.fullmatch(r"python3\.\d+", d) for d in depends), depends
-    conffiles = run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
-    assert conffiles == [SYSTEM_CONFIG, "/etc/relaymilter/spammers", "/etc/cron.d/relaymilter"]
+    assert {"python3-milter", "python3-bsddb3", "python3-yaml", "python3-redis", "adduser", "python3:any"} <= depends
+    conffiles = sorted(run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split())
+    assert conffiles == sorted([SYSTEM_CONFIG, "/etc/relaymilter/spammers", "/etc/cron.d/relaymilter"])
     listing = run(["dpkg-deb", "-c", str(deb)]).stdout
-    for path in ["./usr/bin/%s" % c for c in ("relaymilter", "vsmtprelay", "vnewspammers", "relaymilter-popwatch",
-                                                "relaymilter-test")] + \
+    for path in ["./usr/bin/%s" % c for c in COMMANDS] + \
                 ["./lib/systemd/system/%s" % u for u in UNITS] + \
                 ["./etc/relaymilter/relaymilter.yaml", "./etc/cron.d/relaymilter",
                  "./usr/share/man/man8/relaymilter.8.gz", "./usr/share/man/man5/relaymilter.yaml.5.gz",
-                 "./usr/share/relaymilter/sendmail/relaymilter.m4", "./usr/share/relaymilter/postfix/main.cf.snippet"]:
+                 "./usr/share/relaymilter/sendmail/relaymilter.m4", "./usr/share/relaymilter/postfix/main.cf.snippet",
+                 "./usr/share/doc/relaymilter/copyright", "./usr/share/doc/relaymilter/changelog.Debian.gz",
+                 ".%s/relaymilter/store/bdb.py" % SITE]:
         assert re.search(r" %s( |$)" % re.escape(path), listing, re.M), path
-    assert "/tmp/" not in listing and "pyenv" not in listing
-    assert "/bin/pip" not in listing      # the venv ships without pip and setuptools
+    assert "/tmp/" not in listing and "pyenv" not in listing and "__pycache__" not in listing
+    assert ".so" not in listing and "/usr/lib/relaymilter" not in listing     # no private virtualenv
+    print("package size: %d bytes" % deb.stat().st_size)
+
+
+def test_lintian_passes_the_build(debs):
+    """lintian on the .changes (the .deb and its .buildinfo): every tag at every level is fixed or overridden."""
+    proc = run(["lintian", "--info", "--pedantic", "--fail-on", "error,warning,info,pedantic", str(debs.changes)],
+               timeout=600, check=False)
+    tags = [line for line in proc.stdout.splitlines() if re.match(r"[EWIPX]: ", line)]
+    assert proc.returncode == 0 and not tags, proc.stdout + proc.stderr
+    # Each override says why, on the line before it.
+    overrides = (ROOT / "packaging" / "debian" / "relaymilter.lintian-overrides").read_text().splitlines()
+    for i, line in enumerate(overrides):
+        if line and not line.startswith("#"):
+            assert i > 0 and overrides[i - 1].startswith("# "), line
 
 
 # --- installed ----------------------------------------------------------------------
 
+def test_upgrade_keeps_configuration_and_maps(installed):
+    assert run(["dpkg-query", "-W", "-f=${Version}", "relaymilter"]).stdout == CURRENT
+    assert Path(SYSTEM_CONFIG).read_text() == installed.config
+    assert not list(Path("/etc/relaymilter").glob("*.dpkg-*")), "dpkg saw a conffile conflict"
+    assert run(["/usr/bin/vsmtprelay", "dump"]).stdout == installed.relayers
+    assert "203.0.113.8 906502527" in installed.relayers
+    assert digest(STATE / "spammers.db") == installed.spammers_db
+    assert Path("/etc/relaymilter/spammers").read_text() == "spammer@upgrade.example\n"
+    owner = pwd.getpwnam("relaymilter").pw_uid
+    assert os.stat(STATE / "relayers.db").st_uid == owner and os.stat(STATE / "spammers.db").st_uid == owner
+    run(["/usr/bin/vsmtprelay", "delete", "203.0.113.8"])
+
+
 def test_installed_commands_run_from_the_package(installed, shared_dir):
-    for cmd in ("relaymilter", "vsmtprelay", "vnewspammers", "relaymilter-popwatch", "relaymilter-test"):
-        target = os.path.realpath("/usr/bin/" + cmd)
-        assert target == "/usr/lib/relaymilter/bin/" + cmd
-        first = Path(target).read_text().splitlines()[0]
-        assert first == "#!/usr/lib/relaymilter/bin/python", first
+    for cmd in COMMANDS:
+        first = Path("/usr/bin", cmd).read_text().splitlines()[0]
+        assert first == "#! /usr/bin/python3" or first == "#!/usr/bin/python3", first
         proc = run(["/usr/bin/" + cmd, "--version"])
         assert __version__ in proc.stdout + proc.stderr
-    python = os.path.realpath("/usr/lib/relaymilter/bin/python")
-    assert re.fullmatch(r"/usr/bin/python3\.\d+", python), python
-    assert run(["dpkg", "-S", python]).returncode == 0
-    where = run(["/usr/lib/relaymilter/bin/python", "-c", "import relaymilter, milter, berkeleydb;"
-                 "print(relaymilter.__file__, milter.__file__, berkeleydb.__file__)"]).stdout.split()
-    assert all(w.startswith("/usr/lib/relaymilter/lib/") for w in where), where
+    # Debian's interpreter and Debian's modules: bsddb3 for Berkeley DB (the berkeleydb API under its old name).
+    where = run(["/usr/bin/python3", "-c", "import relaymilter, milter, yaml, redis; from relaymilter.store import bdb;"
+                 "print(relaymilter.__file__, milter.__file__, yaml.__file__, redis.__file__, bdb.db.__file__)"],
+                cwd="/").stdout.split()
+    assert where[0] == SITE + "/relaymilter/__init__.py", where
+    assert all(w.startswith(SITE + "/") for w in where) and "/bsddb3/" in where[-1], where
+    for path in where:
+        assert run(["dpkg", "-S", path]).returncode == 0
 
     check = run(["/usr/bin/relaymilter", "--check-config"])
     assert SYSTEM_CONFIG in check.stdout and "relayers /var/lib/relaymilter/relayers.db" in check.stdout
@@ -167,8 +277,21 @@ def test_installed_commands_run_from_the_package(installed, shared_dir):
     dump = run(["/usr/bin/vsmtprelay", "-f", str(db), "dump"]).stdout
     assert dump == ("# timestamp (UTC): Tue Sep 22 22:15:27 1998\n10.11.12.13 906502527\n"
                     "# timestamp (UTC): Tue Sep 22 22:16:40 1998\n2001:db8::7 906502600\n")
-    # Without -f the packaged configuration's map is used: the one postinst created, empty.
-    assert run(["/usr/bin/vsmtprelay", "dump"]).stdout == ""
+    # Without -f the packaged configuration's map is used: the one postinst created.
+    run(["/usr/bin/vsmtprelay", "add", "198.51.100.77", "906502527"])
+    assert "198.51.100.77 906502527" in run(["/usr/bin/vsmtprelay", "-f", str(STATE / "relayers.db"), "dump"]).stdout
+    run(["/usr/bin/vsmtprelay", "delete", "198.51.100.77"])
+
+
+def test_installed_commands_name_the_debian_package_of_a_missing_module(installed):
+    hider = ROOT / "tests" / "data" / "hide_modules"
+    env = {**CLEAN_ENV, "PYTHONPATH": str(hider), "RELAYMILTER_HIDE_MODULES": "redis"}
+    proc = run(["/usr/bin/vsmtprelay", "-f", "redis://127.0.0.1:6379/0", "dump"], env=env, check=False)
+    assert proc.returncode == 2 and proc.stderr == (
+        "vsmtprelay: error: Redis stores (redis:// URLs) and relaymilter-mirror need the package python3-redis, "
+        "which is not installed: apt-get install python3-redis\n"), proc.stderr
+    # The file store does not need it.
+    assert run(["/usr/bin/vsmtprelay", "dump"], env=env).returncode == 0
 
 
 def test_postinst_made_the_user_state_and_enablement(installed):
@@ -316,20 +439,36 @@ def test_installed_man_pages(installed):
         assert "SYNOPSIS" in text
 
 
-def test_purge_leaves_nothing_behind(installed):
+def test_remove_keeps_configuration_and_maps_then_purge_leaves_nothing(installed):
     files = run(["dpkg-query", "-L", "relaymilter"]).stdout.split()
-    owned = [f for f in files if "relaymilter" in f]
-    proc = dpkg("-P", "relaymilter")
+    owned = [f for f in files if "relaymilter" in f and not f.startswith("/etc/")]
+    conffiles = [line.split()[0] for line in run(["dpkg-query", "-W", "-f=${Conffiles}", "relaymilter"]).stdout
+                 .splitlines() if line.strip()]
+    maps = {p: digest(p) for p in (STATE / "relayers.db", STATE / "spammers.db")}
+
+    proc = dpkg("-r", "relaymilter")          # remove: the programs go, configuration and data stay
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not package_installed()
-    left = [f for f in owned if os.path.lexists(f)]
+    assert package_status() == "deinstall ok config-files"
+    left = [f for f in owned if os.path.lexists(f) and not os.path.isdir(f)]
     assert not left, left
-    for path in ("/usr/lib/relaymilter", "/var/lib/relaymilter", "/etc/relaymilter", "/usr/share/relaymilter",
-                 "/etc/cron.d/relaymilter"):
+    assert not os.path.lexists(SITE + "/relaymilter") and shutil.which("vsmtprelay", path="/usr/bin") is None
+    assert all(Path(c).is_file() for c in conffiles), conffiles
+    assert Path(SYSTEM_CONFIG).read_text() == installed.config
+    assert {p: digest(p) for p in maps} == maps
+    wants = Path("/etc/systemd/system/multi-user.target.wants/relaymilter.service")
+    assert not wants.exists()                 # removed units are not left enabled
+
+    proc = dpkg("-P", "relaymilter")          # purge: configuration and data go too
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert package_status() in ("", "unknown ok not-installed")
+    for path in ("/var/lib/relaymilter", "/etc/relaymilter", "/usr/share/relaymilter", "/etc/cron.d/relaymilter",
+                 SITE + "/relaymilter"):
         assert not os.path.lexists(path), path
     leftovers = [str(p) for p in Path("/etc/systemd/system").rglob("relaymilter*")]
+    leftovers += [str(p) for p in Path("/var/lib/systemd/deb-systemd-helper-enabled").rglob("relaymilter*")]
     assert not leftovers, leftovers
-    assert shutil.which("vsmtprelay", path="/usr/bin") is None
+    # The system user stays (Debian's custom: its id is never handed to another account).
+    assert pwd.getpwnam("relaymilter").pw_dir == "/var/lib/relaymilter"
 
 
 # --- Postfix's own tools on the shipped snippet ---------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from relaymilter import config as rconfig
+from relaymilter.cli import entry
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "packaging" / "man"
@@ -94,8 +95,7 @@ def test_man_page_renders_without_warnings(page):
 
 @pytest.mark.parametrize("name", sorted(console_scripts()))
 def test_man_page_names_every_option(name):
-    module_name, _, func = console_scripts()[name].partition(":")
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(entry.COMMANDS[name])
     parser = module.build_parser()
     text = roff_text(man_page(name))
     missing = [opt for action in parser._actions for opt in action.option_strings

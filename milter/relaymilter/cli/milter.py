@@ -27,6 +27,7 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import logging.handlers
 import os
@@ -207,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opts.check_config:
         sys.stdout.write("%s: configuration OK: %s\n" % (PROG, describe(config)))
         return 0
+    # pymilter is loaded before the fork: missing, it is one line from the
+    # command (relaymilter.cli.entry), not a child that dies unexplained.
+    importlib.import_module("relaymilter.adapter")
     setup_logging(config, opts.log, opts.debug)
     return supervise(config, opts, socket_spec)
 

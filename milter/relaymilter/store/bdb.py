@@ -63,7 +63,10 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Iterator, Optional
 
-from berkeleydb import db
+try:
+    from berkeleydb import db
+except ModuleNotFoundError:  # Debian 12 packages the same module as bsddb3 (python3-bsddb3)
+    from bsddb3 import db  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 from relaymilter.errors import StoreUnavailable
 

@@ -61,11 +61,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
-from berkeleydb import db
-
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.address import ascii_lower
-from relaymilter.store.bdb import CREATE_MODE, RACY_NS, advance_mtime, flock_wait
+from relaymilter.store.bdb import CREATE_MODE, RACY_NS, advance_mtime, db, flock_wait  # db: berkeleydb or bsddb3
 from relaymilter.store.spammerslist import (  # noqa: F401 - re-exported: the parser's public names
     SpammersSourceError,
     SpammersSyntaxError,
