@@ -283,6 +283,23 @@ def test_installed_commands_run_from_the_package(installed, shared_dir):
     run(["/usr/bin/vsmtprelay", "delete", "198.51.100.77"])
 
 
+def test_installed_redis_store_works_with_debians_redis_module(installed, shared_dir):
+    """The mail-farm commands on a real redis-server, through Debian's python3-redis (not pip's)."""
+    from redisproc import RedisServer
+
+    server = RedisServer(shared_dir / "redis").start()
+    try:
+        url = server.url()
+        run(["/usr/bin/vsmtprelay", "-f", url, "add", "192.0.2.44", "906502527"])
+        assert run(["/usr/bin/vsmtprelay", "-f", url, "dump"]).stdout == \
+            "# timestamp (UTC): Tue Sep 22 22:15:27 1998\n192.0.2.44 906502527\n"
+        mirror = shared_dir / "mirror.db"
+        run(["/usr/bin/relaymilter-mirror", "--from", url, "--to", str(mirror), "--once"])
+        assert "192.0.2.44 906502527" in run(["/usr/bin/vsmtprelay", "-f", str(mirror), "dump"]).stdout
+    finally:
+        server.stop()
+
+
 def test_installed_commands_name_the_debian_package_of_a_missing_module(installed):
     hider = ROOT / "tests" / "data" / "hide_modules"
     env = {**CLEAN_ENV, "PYTHONPATH": str(hider), "RELAYMILTER_HIDE_MODULES": "redis"}

@@ -110,3 +110,11 @@ def test_console_scripts_are_the_entry_commands(monkeypatch):
         assert module == "relaymilter.cli.entry"
         getattr(entry, func)()
         assert called[-1] == name, (name, target)
+
+
+def test_quickstart_links_every_command():
+    from relaymilter.cli import entry
+
+    text = (ROOT / "packaging" / "quickstart.sh").read_text()
+    linked = re.search(r"^for cmd in (.*); do$", text, re.M).group(1).split()
+    assert sorted(linked) == sorted(entry.COMMANDS)
