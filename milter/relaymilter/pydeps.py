@@ -3,10 +3,11 @@
 
 DESCRIPTION
     relaymilter imports pymilter (Milter, milter), PyYAML (yaml), Berkeley DB
-    (berkeleydb, or the same module as Debian 12 packages it, bsddb3) and
-    redis-py (redis; only Redis stores and relaymilter-mirror import it).
-    Each is a dependency of the pip install (setup.cfg) and of the Debian
-    package, so a missing one means an install that skipped dependencies
+    (berkeleydb, or the same module as Debian 12 packages it, bsddb3),
+    redis-py (redis; only Redis stores and relaymilter-mirror import it),
+    dnspython (dns; DNS blocklists) and prometheus_client (metrics).
+    Those in install_requires (setup.cfg) are dependencies of the pip install
+    and of the Debian package alike, so a missing one means an install that skipped dependencies
     (pip --no-deps, dpkg --force-depends, a copied tree) or a module removed
     later. The commands then stop with one line that names the module, what
     needs it and the command that installs it, never a traceback:
@@ -14,8 +15,9 @@ DESCRIPTION
     missing() for that line.
 
     A new import from another project gets a row in MODULES (the test
-    tests/unit/test_pydeps.py hides each row's module in turn and runs every
-    command).
+    tests/integration/test_missing_modules.py hides each row's module in
+    turn and runs every command; tests/unit/test_debian_control.py checks
+    the row against setup.cfg and the Debian packaging).
 
 DIAGNOSTICS
     missing() answers None for a module not in MODULES: that is a bug, and
@@ -48,6 +50,8 @@ MODULES: dict[str, Module] = {
     "berkeleydb": _BDB,
     "bsddb3": _BDB,
     "redis": Module("redis", "python3-redis", "Redis stores (redis:// URLs) and relaymilter-mirror"),
+    "dns": Module("dnspython", "python3-dnspython", "DNS blocklists (dnsbl)"),
+    "prometheus_client": Module("prometheus_client", "python3-prometheus-client", "metrics"),
 }
 
 DEBIAN_SITE = "/usr/lib/python3/dist-packages/"
