@@ -24,15 +24,15 @@ if [ "${1:-}" = "--test" ]; then
 fi
 if [ ${#missing[@]} -gt 0 ] || [ "$build_deps_met" = no ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
     if [ ${#missing[@]} -gt 0 ]; then
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
     if [ "$build_deps_met" = no ]; then
         # apt-get build-dep reads a source tree's debian/control; ours is packaging/debian.
         tree="$(mktemp -d)"
         trap 'rm -rf "$tree"' EXIT
         ln -s "$top/packaging/debian" "$tree/debian"
-        apt-get build-dep -y -qq --no-install-recommends "$tree" >/dev/null
+        apt-get -o DPkg::Lock::Timeout=600 build-dep -y -qq --no-install-recommends "$tree" >/dev/null
     fi
 fi
