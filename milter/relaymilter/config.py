@@ -34,8 +34,11 @@ from typing import Optional, Union
 
 from relaymilter import pydeps
 from relaymilter.errors import ConfigError
+from relaymilter.guardconfig import parse_limits, parse_modes
 from relaymilter.policy.address import BadAddress
 from relaymilter.policy.address import normalize_domain as policy_normalize_domain
+from relaymilter.policy.limits import Limits
+from relaymilter.policy.modes import ENFORCE_ALL, Modes
 from relaymilter.yamlcheck import Mapping, compose_file, where
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -49,6 +52,7 @@ TOP_KEYS = (
     "socket", "log", "log_level", "local_domains", "local_domains_file", "add_host_names",
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
+    "limits", "modes",
 )
 RELAYERS_KEYS = ("path", "url", "window")
 SPAMMERS_KEYS = ("source", "path")
@@ -105,6 +109,8 @@ class Config:
     relayers: RelayersConfig = field(default_factory=RelayersConfig)
     spammers: SpammersConfig = field(default_factory=SpammersConfig)
     popwatch: PopwatchConfig = field(default_factory=PopwatchConfig)
+    limits: Optional[Limits] = None                 # None = no relaying limits
+    modes: Modes = ENFORCE_ALL
 
 
 def rules_dir() -> Path:
@@ -338,4 +344,6 @@ def load_config(path: Optional[str] = None) -> Config:
         relayers=relayers,
         spammers=spammers,
         popwatch=popwatch,
+        limits=parse_limits(top),
+        modes=parse_modes(top),
     )

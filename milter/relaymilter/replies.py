@@ -36,3 +36,7 @@ ACCESS_DENIED = Reply("550", "5.7.1", "Access denied")
 SENDER_CHECK_UNAVAILABLE = Reply("451", "4.3.0", "Sender check temporarily unavailable, try again later")
 # Any callback that failed unexpectedly: fail closed.
 INTERNAL_ERROR = Reply("451", "4.3.0", "Internal error, try again later")
+# RCPT TO: a relaying identity over one of its hourly limits (limits:). Temporary: a burst is delayed, never lost.
+RELAY_LIMIT_EXCEEDED = Reply("451", "4.7.1", "Relaying limit exceeded, try again later")
+# MAIL FROM (AUTH) and RCPT TO: an identity suspended after going over a limit, until it runs out or is lifted.
+RELAY_SUSPENDED = Reply("451", "4.7.1", "Relaying suspended, try again later")

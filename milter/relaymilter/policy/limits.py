@@ -1,0 +1,251 @@
+"""NAME
+    relaymilter.policy.limits - relaying limits per identity, and who is relaying
+
+DESCRIPTION
+    A client allowed to relay is not allowed to relay without end: a stolen
+    POP password lets a thief into relayers.db (or through SMTP AUTH) and he
+    pushes thousands of messages until the server is on every blocklist.
+
+    Identity: every relaying session is named by its SMTP AUTH user, else
+    the user who last logged in by POP/IMAP from its address (the users map
+    relaymilter-popwatch keeps beside relayers.db), else its address. The
+    decision log carries it as ``user=``.
+
+    Limits (``limits:``; absent: none), over a sliding hour in one-minute
+    steps: recipients_per_hour and messages_per_hour per identity;
+    addresses_per_hour per user (one user seen from more than N addresses -
+    a stolen password's signature). Over a limit: 451 4.7.1 Relaying limit
+    exceeded (rule recipients_per_hour, messages_per_hour or
+    addresses_per_hour), nothing counted; with suspend_minutes the identity
+    is suspended as well: its addresses are removed from the relayers map
+    and its relaying is refused (451 4.7.1 Relaying suspended, rule
+    suspended; an AUTH session already at MAIL) until the time runs out or
+    an admin lifts it (relaymilter-guard lift). Limits apply only to
+    recipients relayed because the client authenticated or is listed in
+    relayers.db: mail to local and relay-domain recipients is never
+    limited, nor is a trusted network's. A message is counted at its first
+    relayed recipient.
+
+    In warn-only mode (``modes: {limits: warn}``) a refusal is not made but
+    returned as ``would`` for the log, what went through is counted all the
+    same, and no one is suspended.
+
+    Guard holds the limits and a counter store (relaymilter.store.guard,
+    handed in); a Txn per MAIL carries what one transaction has learnt.
+
+DIAGNOSTICS
+    A counter store that is down or slow (StoreUnavailable): the limits are
+    not applied, the recipient passes with ``limits=unavailable`` in its log
+    line, Guard.stats counts it, one error is logged, and the store is left
+    alone for BREAKER seconds so no decision waits on it again meanwhile.
+    Relay permission itself is decided before and still fails closed.
+
+Stdlib only: part of the policy core (the store is handed in).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Optional, Protocol
+
+from relaymilter import replies
+from relaymilter.errors import StoreUnavailable
+from relaymilter.policy.decision import Decision, TempFail
+
+log = logging.getLogger("relaymilter.limits")
+
+BREAKER = 5.0               # seconds the counters are left alone after they failed
+RULES = {"recipients": "recipients_per_hour", "messages": "messages_per_hour", "addresses": "addresses_per_hour"}
+OVER = {family: TempFail(replies.RELAY_LIMIT_EXCEEDED, rule) for family, rule in RULES.items()}
+SUSPENDED = TempFail(replies.RELAY_SUSPENDED, "suspended")
+LIMIT_RULES = frozenset(RULES.values()) | {"suspended"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ``limits:`` section; None = no such limit."""
+
+    recipients_per_hour: Optional[int] = None
+    messages_per_hour: Optional[int] = None
+    addresses_per_hour: Optional[int] = None
+    suspend_minutes: Optional[int] = None
+
+    def table(self) -> dict[str, int]:
+        """family -> limit, for the families that have one."""
+        found = {"recipients": self.recipients_per_hour, "messages": self.messages_per_hour,
+                 "addresses": self.addresses_per_hour}
+        return {k: v for k, v in found.items() if v is not None}
+
+
+class Ask(Protocol):
+    """What Guard hands the store (relaymilter.store.guard.Ask)."""
+
+
+class Outcome(Protocol):
+    identity: str
+    suspended: Optional[object]
+    charge: Optional["ChargeLike"]
+
+
+class ChargeLike(Protocol):
+    over: Optional[str]
+    counts: Mapping[str, int]
+
+
+class Store(Protocol):
+    """The part of relaymilter.store.guard.GuardStore the milter uses."""
+
+    def gate(self, ask: object) -> Outcome: ...
+
+    def user_of(self, address: str) -> Optional[str]: ...
+
+    def suspension(self, identity: str, now: float) -> Optional[object]: ...
+
+    def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]: ...
+
+
+class Step(NamedTuple):
+    """One answer of the guard: a refusal to make (or None), what to log, a refusal only warned of."""
+
+    refusal: Optional[Decision]
+    note: str                           # "user=alice " and friends, for the decision line
+    would: Optional[Decision] = None    # warn-only mode: the refusal that was not made
+
+
+PASS = Step(None, "")
+
+
+class Txn:
+    """What one transaction (MAIL to MAIL) has learnt: the identity, whether its message is counted."""
+
+    __slots__ = ("identity", "counted", "seen")
+
+    def __init__(self) -> None:
+        self.identity: Optional[str] = None
+        self.counted = False            # the message is counted (at its first relayed recipient)
+        self.seen = False               # the client address is recorded for the user this transaction
+
+
+def _note(identity: Optional[str]) -> str:
+    return "user=%s " % identity if identity else ""
+
+
+class Guard:
+    """Limits and identities for one configuration (see the module notes)."""
+
+    def __init__(self, limits: Optional[Limits], store: Optional[Store], make_ask: Callable[..., object],
+                 warn: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.table = limits.table() if limits is not None else {}
+        self.store = store
+        self.make_ask = make_ask
+        self.warn = warn
+        self.clock = clock
+        self.stats: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._closed_until = 0.0        # breaker: the store is not asked before this (monotonic)
+
+    @property
+    def active(self) -> bool:
+        return self.limits is not None and bool(self.table) and self.store is not None
+
+    # -- the store, guarded ------------------------------------------------------------------
+
+    def _available(self) -> bool:
+        if self.clock() < self._closed_until:
+            self.stats["unavailable"] += 1
+            return False
+        return True
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        with self._lock:
+            self.stats["unavailable"] += 1
+            if self.clock() >= self._closed_until:
+                log.error("relaying limits not applied: counters unavailable: %s (not asked again for %gs)",
+                          exc, BREAKER)
+            self._closed_until = self.clock() + BREAKER
+
+    # -- MAIL ------------------------------------------------------------------------------------
+
+    def at_mail(self, auth: Optional[str], now: float) -> Step:
+        """An AUTH session's MAIL: refused while its user is suspended."""
+        if not auth or not self.active or not self._available():
+            return PASS
+        assert self.store is not None
+        try:
+            held = self.store.suspension(auth, now)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return Step(None, "limits=unavailable ")
+        if held is None:
+            return PASS
+        return self._refuse(SUSPENDED, "user=%s " % auth)
+
+    # -- RCPT ------------------------------------------------------------------------------------
+
+    def name(self, txn: Txn, address: str, auth: Optional[str]) -> str:
+        """The identity of a session relaying from *address* without limits: AUTH user, POP user, address."""
+        if txn.identity is None:
+            identity = auth
+            if not identity and self.store is not None and self._available():
+                try:
+                    identity = self.store.user_of(address)
+                except StoreUnavailable as exc:
+                    self._failed(exc)
+            txn.identity = identity or address
+        return txn.identity
+
+    def at_rcpt(self, txn: Txn, address: str, auth: Optional[str], now: float) -> Step:
+        """A recipient relayed because the client authenticated or is listed in relayers.db."""
+        if not self.active or not address:
+            return Step(None, _note(self.name(txn, address, auth) if address else auth))
+        if not self._available():
+            return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
+        assert self.store is not None and self.limits is not None
+        add = {"recipients": 1} if txn.counted else {"recipients": 1, "messages": 1}
+        ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
+                            now=now, see="addresses" in self.table and not txn.seen, force=self.warn)
+        try:
+            outcome = self.store.gate(ask)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
+        identity = txn.identity = outcome.identity
+        note = _note(identity)
+        if outcome.suspended is not None:
+            return self._refuse(SUSPENDED, note)
+        charge = outcome.charge
+        assert charge is not None
+        txn.seen = True
+        over = charge.over
+        if over is None or self.warn:
+            txn.counted = True
+        if over is None:
+            return Step(None, note)
+        refusal = OVER[over]
+        if self.limits.suspend_minutes and not self.warn:
+            self._suspend(identity, refusal.rule, now)
+        return self._refuse(refusal, note + "count=%d " % charge.counts.get(over, 0))
+
+    def _suspend(self, identity: str, rule: str, now: float) -> None:
+        assert self.store is not None and self.limits is not None and self.limits.suspend_minutes
+        until = int(now) + 60 * self.limits.suspend_minutes
+        try:
+            removed = self.store.suspend(identity, until, rule, now)
+        except StoreUnavailable as exc:
+            log.error("cannot suspend %s (%s): %s", identity, rule, exc)
+            return
+        self.stats["suspended"] += 1
+        log.warning("suspended %s for %d minutes (%s); removed from the relayers map: %s", identity,
+                    self.limits.suspend_minutes, rule, " ".join(removed) or "none")
+
+    def _refuse(self, refusal: Decision, note: str) -> Step:
+        if self.warn:
+            self.stats["would_refuse"] += 1
+            return Step(None, note, refusal)
+        self.stats[refusal.rule] += 1
+        return Step(refusal, note)

@@ -1,0 +1,382 @@
+"""NAME
+    relaymilter.store.counters - sliding-hour counters shared by every process on one host
+
+DESCRIPTION
+    The relaying limits count, per identity, recipients and messages over the
+    last hour, and per user the distinct client addresses seen in the last
+    hour. Every worker process of the milter and the log watcher update the
+    same counts, so they live in one file that all of them map (mmap,
+    MAP_SHARED): an update is a few microseconds, where a database
+    transaction would cost tens.
+
+    The file is a fixed table of SLOTS slots of SLOT bytes after a header.
+    A slot is one (family, identity): a 64-bit hash of the two (blake2b), the
+    minute it was last updated, the identity's text (for the admin's
+    listing, cut at KEY_MAX bytes) and its data: for recipients and messages
+    60 per-minute counts (a ring indexed by epoch minute mod 60), for
+    addresses 30 (address hash, minute) pairs. The hour is therefore a
+    sliding window in one-minute steps. Slots are found by linear probing
+    from the hash, at most PROBES steps; a slot not updated for an hour is
+    stale and is reused.
+
+    Atomicity: every read-modify-write holds flock(LOCK_EX) on the file for
+    the whole operation (a reader LOCK_SH), so concurrent processes never
+    lose an increment. flock belongs to the open file, not the process, so
+    each process opens the file itself (a forked child reopens it) and the
+    threads of one process also take a mutex. A process killed mid-update
+    releases the lock with its death; at worst one slot's counts are torn.
+
+DIAGNOSTICS
+    StoreUnavailable when the file cannot be opened or created, is not a
+    counter file of this layout ("remove it to start counting afresh"), the
+    lock is not obtained within the wait (a stuck process), or the table has
+    no free slot near the hash (more live identities than it holds). The
+    caller then does not apply the limit: counters never block a decision.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from relaymilter.errors import StoreUnavailable
+
+MAGIC = b"RMCOUNT1"
+SLOTS = 65536
+SLOT = 384
+HEAD = 64
+KEY_MAX = 128
+PROBES = 64
+MINUTES = 60
+ADDRESSES = 30              # most distinct addresses a user can be counted with (addresses_per_hour < this)
+LOCK_WAIT = 0.05            # seconds: a decision never waits longer than this for the counters
+FAMILIES = {"recipients": 1, "messages": 2, "addresses": 3}
+_NAMES = {v: k for k, v in FAMILIES.items()}
+
+_HEADER = struct.Struct("<8sIII")          # magic, slots, slot size, minutes
+_SLOT_HEAD = struct.Struct("<QIBB2x")      # hash, last minute, family, key length
+_BUCKETS = struct.Struct("<%dI" % MINUTES)
+_PAIRS = struct.Struct("<%dI" % (2 * ADDRESSES))
+_HASH = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_ZEROS = (0,) * MINUTES
+_DATA = 16 + KEY_MAX
+SIZE = HEAD + SLOTS * SLOT
+
+
+def slot_hash(family: str, identity: str) -> int:
+    """The slot key of (family, identity): never 0 (0 marks a slot never used)."""
+    digest = hashlib.blake2b(b"%d\0%s" % (FAMILIES[family], identity.encode("utf-8", "surrogateescape")),
+                             digest_size=8).digest()
+    return _HASH.unpack(digest)[0] or 1
+
+
+_hashes: dict[tuple[str, str], int] = {}
+
+
+def _hash_of(family: str, identity: str) -> int:
+    """slot_hash(), remembered (a bounded table: cleared when full)."""
+    h = _hashes.get((family, identity))
+    if h is None:
+        if len(_hashes) >= 65536:
+            _hashes.clear()
+        h = _hashes[(family, identity)] = slot_hash(family, identity)
+    return h
+
+
+def address_hash(address: str) -> int:
+    return zlib.crc32(address.encode("ascii", "replace")) or 1
+
+
+def window_sum(values: tuple, last: int, minute: int) -> int:
+    """Sum of the per-minute *values* (last written at *last*) over the hour ending at *minute*."""
+    age = minute - last
+    if age >= MINUTES:
+        return 0
+    if age <= 0:
+        return sum(values)
+    # The buckets of minutes last-59 .. minute-60 have left the window.
+    total = sum(values)
+    for m in range(last - MINUTES + 1, minute - MINUTES + 1):
+        total -= values[m % MINUTES]
+    return total
+
+
+def _rolled(values: tuple, last: int, minute: int) -> list[int]:
+    """*values* moved on from *last* to *minute*: the buckets of minutes in between start at 0."""
+    age = minute - last
+    if age >= MINUTES:
+        return [0] * MINUTES
+    out = list(values)
+    for m in range(last + 1, minute + 1):
+        out[m % MINUTES] = 0
+    return out
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What charge() found: the family over its limit (None: all within) and the counts after."""
+
+    over: Optional[str]
+    counts: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One live slot, for the admin's listing."""
+
+    family: str
+    identity: str
+    count: int
+
+
+class CounterFile:
+    """The shared counter table at *path* (created on first use unless create is false)."""
+
+    def __init__(self, path: str, create: bool = True, lock_wait: float = LOCK_WAIT) -> None:
+        self.path = path
+        self.create = create
+        self.lock_wait = lock_wait
+        self._mutex = threading.Lock()
+        self._pid = 0
+        self._fd: Optional[int] = None
+        self._map: Optional[mmap.mmap] = None
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._mutex:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._map is not None and self._pid == os.getpid():
+            self._map.close()
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._map, self._fd, self._pid = None, None, 0
+
+    def _fail(self, what: str, exc: Optional[BaseException] = None) -> StoreUnavailable:
+        detail = ": %s" % (exc.strerror or exc) if isinstance(exc, OSError) else ""
+        return StoreUnavailable("%s: %s%s" % (self.path, what, detail))
+
+    def _lock(self, fd: int, how: int) -> None:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            time.sleep(0.0005)
+            try:
+                fcntl.flock(fd, how | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise self._fail("lock not obtained within %gs" % self.lock_wait) from None
+
+    def _attach(self) -> Optional[mmap.mmap]:
+        """This process's mapping (opened, and created when missing and allowed); None: no file."""
+        if self._map is not None and self._pid == os.getpid():
+            return self._map
+        # A forked child inherits the parent's descriptor, and flock on a shared open file
+        # would not exclude the parent: open our own (the inherited map is left alone).
+        self._map, self._fd = None, None
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if self.create else 0)
+        try:
+            fd = os.open(self.path, flags, 0o640)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fail("cannot open", exc) from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size == 0:
+                self._lock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.fstat(fd).st_size == 0:
+                        os.ftruncate(fd, SIZE)
+                        os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES), 0)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            head = os.pread(fd, _HEADER.size, 0)
+            if os.fstat(fd).st_size != SIZE or head != _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES):
+                raise self._fail("not a relaymilter counter file of this layout (remove it to start counting "
+                                 "afresh)")
+            self._map = mmap.mmap(fd, SIZE)
+        except OSError as exc:
+            os.close(fd)
+            raise self._fail("cannot map", exc) from None
+        except StoreUnavailable:
+            os.close(fd)
+            raise
+        self._fd, self._pid = fd, os.getpid()
+        return self._map
+
+    def _find(self, mm: mmap.mmap, h: int, minute: int, create: bool) -> Optional[int]:
+        """The offset of the slot for hash *h*; with *create*, a fresh one when there is none."""
+        free = None
+        base = h % SLOTS
+        for i in range(PROBES):
+            off = HEAD + ((base + i) % SLOTS) * SLOT
+            sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
+            if sh == h:
+                return off
+            if sh == 0:
+                if free is None:
+                    free = off
+                break
+            if free is None and minute - last >= MINUTES:
+                free = off          # stale: reusable, but the key may still be further on
+        if not create:
+            return None
+        if free is None:
+            raise self._fail("no free slot near this identity's (more live identities than the table holds)")
+        return free
+
+    # -- operations -----------------------------------------------------------------
+
+    def charge(self, identity: str, now: float, add: Mapping[str, int], limits: Mapping[str, int],
+               address: Optional[str] = None, force: bool = False) -> Charge:
+        """Count *add* (family -> n) for *identity* unless a family would go over its limit.
+
+        With *address*, it is first recorded among the identity's addresses
+        of the hour (that family's limit is on the number of distinct
+        addresses). A family over its limit is named in the answer and
+        nothing is added, unless *force* (warn-only mode: count what went
+        through). One lock for the whole operation.
+        """
+        minute = int(now) // 60
+        text = identity.encode("utf-8", "surrogateescape")[:KEY_MAX]
+        with self._mutex:
+            mm = self._attach()
+            if mm is None:
+                raise self._fail("does not exist")
+            assert self._fd is not None
+            self._lock(self._fd, fcntl.LOCK_EX)
+            try:
+                counts: dict[str, int] = {}
+                over: Optional[str] = None
+                if address is not None:
+                    n = self._see(mm, identity, text, address, minute)
+                    counts["addresses"] = n
+                    limit = limits.get("addresses")
+                    if limit is not None and n > limit:
+                        over = "addresses"
+                slots = []
+                for family, n in add.items():
+                    h = _hash_of(family, identity)
+                    off = self._find(mm, h, minute, create=True)
+                    assert off is not None
+                    sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
+                    if sh != h:
+                        # A new slot, or a stale one reused: its identity text and zero counts.
+                        last, values = minute, _ZEROS
+                        _SLOT_HEAD.pack_into(mm, off, h, minute, FAMILIES[family], len(text))
+                        mm[off + 16:off + 16 + len(text)] = text
+                        _BUCKETS.pack_into(mm, off + _DATA, *_ZEROS)
+                    else:
+                        values = _BUCKETS.unpack_from(mm, off + _DATA)
+                    if last > minute:
+                        minute = last       # another host's clock ahead: count in its minute
+                    total = sum(values) if last == minute else window_sum(values, last, minute)
+                    limit = limits.get(family)
+                    if over is None and limit is not None and total + n > limit:
+                        over = family
+                    slots.append((family, off, last, values, n))
+                    counts[family] = total
+                if over is None or force:
+                    for family, off, last, values, n in slots:
+                        if last == minute:
+                            at = off + _DATA + 4 * (minute % MINUTES)
+                            _U32.pack_into(mm, at, _U32.unpack_from(mm, at)[0] + n)
+                        else:
+                            rolled = _rolled(values, last, minute)
+                            rolled[minute % MINUTES] += n
+                            _BUCKETS.pack_into(mm, off + _DATA, *rolled)
+                            _U32.pack_into(mm, off + 8, minute)
+                        counts[family] += n
+                return Charge(over, counts)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _see(self, mm: mmap.mmap, identity: str, text: bytes, address: str, minute: int) -> int:
+        """Record *address* for *identity* at *minute*; how many distinct addresses in the hour (capped)."""
+        h = _hash_of("addresses", identity)
+        off = self._find(mm, h, minute, create=True)
+        assert off is not None
+        sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
+        pairs = list(_PAIRS.unpack_from(mm, off + _DATA)) if sh == h else [0] * (2 * ADDRESSES)
+        ah = address_hash(address)
+        live = 0
+        mine = free = None
+        for i in range(ADDRESSES):
+            a, m = pairs[2 * i], pairs[2 * i + 1]
+            fresh = m and minute - m < MINUTES
+            if a == ah and m:
+                mine = i
+            elif fresh:
+                live += 1
+            elif free is None:
+                free = i
+        slot = mine if mine is not None else free
+        if slot is not None:
+            pairs[2 * slot], pairs[2 * slot + 1] = ah, max(minute, pairs[2 * slot + 1])
+        _SLOT_HEAD.pack_into(mm, off, h, max(minute, last), FAMILIES["addresses"], len(text))
+        mm[off + 16:off + 16 + len(text)] = text
+        _PAIRS.pack_into(mm, off + _DATA, *pairs)
+        return live + 1
+
+    def usage(self, now: float) -> list[Usage]:
+        """Every (family, identity) with a count in the last hour, read under a shared lock."""
+        minute = int(now) // 60
+        found: list[Usage] = []
+        with self._mutex:
+            mm = self._attach()
+            if mm is None:
+                return []
+            assert self._fd is not None
+            self._lock(self._fd, fcntl.LOCK_SH)
+            try:
+                for off in range(HEAD, SIZE, SLOT):
+                    sh, last, fam, klen = _SLOT_HEAD.unpack_from(mm, off)
+                    if not sh or minute - last >= MINUTES or fam not in _NAMES:
+                        continue
+                    family = _NAMES[fam]
+                    if family == "addresses":
+                        pairs = _PAIRS.unpack_from(mm, off + _DATA)
+                        count = sum(1 for i in range(ADDRESSES) if pairs[2 * i + 1] and minute - pairs[2 * i + 1] < MINUTES)
+                    else:
+                        count = window_sum(_BUCKETS.unpack_from(mm, off + _DATA), last, max(minute, last))
+                    if count:
+                        text = mm[off + 16:off + 16 + klen].decode("utf-8", "surrogateescape")
+                        found.append(Usage(family, text, count))
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return found
+
+    def forget(self, identity: str) -> None:
+        """Drop every count of *identity* (an admin lifting a suspension starts it afresh)."""
+        with self._mutex:
+            mm = self._attach()
+            if mm is None:
+                return
+            assert self._fd is not None
+            self._lock(self._fd, fcntl.LOCK_EX)
+            try:
+                for family in FAMILIES:
+                    off = self._find(mm, slot_hash(family, identity), int(time.time()) // 60, create=False)
+                    if off is not None and _SLOT_HEAD.unpack_from(mm, off)[0] == slot_hash(family, identity):
+                        # Stale rather than empty, so that probe chains through it stay intact.
+                        _SLOT_HEAD.pack_into(mm, off, slot_hash(family, identity), 0, FAMILIES[family], 0)
+                        mm[off + _DATA:off + SLOT] = bytes(SLOT - _DATA)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)

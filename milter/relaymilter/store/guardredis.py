@@ -1,0 +1,296 @@
+"""NAME
+    relaymilter.store.guardredis - users, relaying counters and suspensions on Redis, for a farm
+
+DESCRIPTION
+    The GuardStore of relaymilter.store.guard on the Redis server that holds
+    the relayers map, so every milter of a farm counts an identity together
+    and every POP host's watcher tells every SMTP host who logged in where.
+    The keys sit beside the map's own, under the guard prefix: the map's
+    prefix with ``-guard`` added to it (``relaymilter:relay-guard:`` for the
+    default ``relaymilter:relay:``), never under the map's prefix itself,
+    where every key is taken for a client address (listing, expiry, the
+    mirror):
+
+        G u:ADDRESS           the user who logged in from ADDRESS (string,
+                              with the relayers entry's expiry)
+        G s:IDENTITY          ``UNTIL SINCE REASON``, expiring at UNTIL
+        G c:FAMILY:IDENTITY   hash epoch-minute -> count (recipients,
+                              messages), expiring an hour after its last use
+        G a:USER              sorted set address -> epoch minute last seen
+
+    gate() is one Lua script (GATE): identity, suspension, the hour's counts
+    and the increments in one atomic step and one round trip, sent on
+    connections of the store's own like the relayers lookups (see
+    store.redis._LookupConnections); a server that has lost the script
+    (restart, SCRIPT FLUSH) gets it again. The hour is a sliding window in
+    one-minute steps, as on a single host.
+
+DIAGNOSTICS
+    Every Redis error, refusal or timeout (the URL's socket_timeout, 0.25 s
+    unless it says otherwise) raises StoreUnavailable naming the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+from redis import exceptions as rexc
+
+from relaymilter.errors import StoreUnavailable
+from relaymilter.ipaddr import normalize_ip
+from relaymilter.store.counters import MINUTES, Charge, Usage
+from relaymilter.store.guard import Ask, Outcome, Suspension, is_address, parse_suspension
+from relaymilter.store.redis import RedisRelayStore, _match_pattern
+
+HOUR_TTL = 3600 + 60
+
+GATE = """
+local G, ident, addr = ARGV[1], ARGV[2], ARGV[3]
+local now = tonumber(ARGV[4])
+local minute = math.floor(now / 60)
+local user = 1
+if ident == '' then
+  local u = redis.call('GET', G .. 'u:' .. addr)
+  if u then ident = u else ident = addr; user = 0 end
+elseif ident == addr then
+  user = 0
+end
+local s = redis.call('GET', G .. 's:' .. ident)
+if s then
+  local untl = tonumber(string.match(s, '^(%d+)'))
+  if untl and untl > now then return {ident, user, s, '', {}} end
+end
+local over = ''
+local counts = {}
+if ARGV[5] == '1' and user == 1 then
+  local k = G .. 'a:' .. ident
+  redis.call('ZADD', k, minute, addr)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', minute - 60)
+  redis.call('EXPIRE', k, 3660)
+  local n = redis.call('ZCARD', k)
+  counts[#counts + 1] = 'addresses'
+  counts[#counts + 1] = n
+  local lim = tonumber(ARGV[7])
+  if lim >= 0 and n > lim then over = 'addresses' end
+end
+local todo = {}
+for i = 8, #ARGV, 3 do
+  local fam, n, lim = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local k = G .. 'c:' .. fam .. ':' .. ident
+  local vals = redis.call('HGETALL', k)
+  local total = 0
+  for j = 1, #vals, 2 do
+    if tonumber(vals[j]) > minute - 60 then
+      total = total + tonumber(vals[j + 1])
+    else
+      redis.call('HDEL', k, vals[j])
+    end
+  end
+  if over == '' and lim >= 0 and total + n > lim then over = fam end
+  todo[#todo + 1] = {k, fam, n, total}
+end
+for _, t in ipairs(todo) do
+  local total = t[4]
+  if (over == '' or ARGV[6] == '1') and t[3] > 0 then
+    redis.call('HINCRBY', t[1], minute, t[3])
+    redis.call('EXPIRE', t[1], 3660)
+    total = total + t[3]
+  end
+  counts[#counts + 1] = t[2]
+  counts[#counts + 1] = total
+end
+return {ident, user, '', over, counts}
+"""
+GATE_SHA = hashlib.sha1(GATE.encode("ascii")).hexdigest()
+
+
+def guard_prefix(prefix: str) -> str:
+    """The guard's key prefix for a map prefix: beside it, never under it."""
+    mine = prefix.rstrip(":") + "-guard:"
+    return mine if not mine.startswith(prefix) else "relaymilter-guard:" + prefix
+
+
+def _s(raw: Any) -> str:
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+class RedisGuardStore:
+    """The guard's keys on the relayers map's Redis (see the module header)."""
+
+    def __init__(self, url: str, relay: Optional[RedisRelayStore] = None) -> None:
+        self.relay = relay if relay is not None else RedisRelayStore(url)
+        self._own_relay = relay is None
+        self.location = url
+        self.prefix = guard_prefix(self.relay.prefix)
+        self._g = self.prefix.encode("utf-8")
+        self._pool = self.relay.client.connection_pool
+        self._idle: list = []
+        self._pid = os.getpid()
+
+    def _fail(self, what: str, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable("%s: cannot %s: %s" % (self.relay.display, what, exc))
+
+    def _call(self, *args: Any) -> Any:
+        """One command on a connection of our own (the hot path: no pool lock, no retry wrappers)."""
+        if self._pid != os.getpid():
+            self._idle, self._pid = [], os.getpid()
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._pool.make_connection()
+        try:
+            if not conn.is_connected:
+                conn.connect()
+            elif conn.can_read():           # the server closed it (restart, failover)
+                conn.disconnect()
+                conn.connect()
+            conn.send_command(*args)
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            self._idle.append(conn)
+
+    # -- the milter's call ------------------------------------------------------------------
+
+    def gate(self, ask: Ask) -> Outcome:
+        limits = ask.limits
+        args: list[Any] = [self._g, ask.identity or "", ask.address, int(ask.now), "1" if ask.see else "0",
+                           "1" if ask.force else "0", limits.get("addresses", -1)]
+        for family, n in ask.add.items():
+            args += [family, n, limits.get(family, -1)]
+        try:
+            try:
+                reply = self._call("EVALSHA", GATE_SHA, 0, *args)
+            except rexc.NoScriptError:
+                reply = self._call("EVAL", GATE, 0, *args)
+        except (rexc.RedisError, OSError) as exc:
+            raise self._fail("count", exc) from None
+        identity, user, held, over, flat = reply
+        identity = _s(identity)
+        if held:
+            return Outcome(identity, bool(user), parse_suspension(identity, held), None)
+        counts = {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Outcome(identity, bool(user), None, Charge(_s(over) or None, counts))
+
+    # -- users ---------------------------------------------------------------------------------
+
+    def _ukey(self, address: str) -> bytes:
+        return self._g + b"u:" + normalize_ip(address).encode("ascii")
+
+    def user_of(self, address: str) -> Optional[str]:
+        key = self._ukey(address)
+        try:
+            raw = self._call("GET", key)
+        except (rexc.RedisError, OSError) as exc:
+            raise self._fail("read", exc) from None
+        return None if raw is None else _s(raw)
+
+    def record_users(self, users: Mapping[str, Optional[str]], ttl: int) -> None:
+        items = [(self._ukey(a), u) for a, u in users.items()]
+        if not items:
+            return
+
+        def write(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            for key, user in items:
+                if user is None:
+                    pipe.delete(key)
+                else:
+                    pipe.set(key, user.encode("utf-8", "surrogateescape"), ex=max(1, int(ttl)))
+            pipe.execute()
+
+        self.relay.run("write users", write)
+
+    def forget_users(self, addresses: Iterable[str]) -> None:
+        keys = [self._ukey(a) for a in addresses]
+        if keys:
+            self.relay.run("delete users", lambda c: c.delete(*keys))
+
+    def _scan(self, client: Any, part: bytes) -> dict[bytes, Any]:
+        found = {}
+        keys = list(client.scan_iter(match=self._pattern(part), count=1000))
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start:start + 1000]
+            for key, value in zip(chunk, client.mget(chunk)):
+                if value is not None:
+                    found[key] = value
+        return found
+
+    def _pattern(self, part: bytes) -> str:
+        return _match_pattern(self.prefix)[:-1] + _s(part) + "*"
+
+    def addresses_of(self, user: str) -> list[str]:
+        want = user.encode("utf-8", "surrogateescape")
+        held = self.relay.run("list users", lambda c: self._scan(c, b"u:"))
+        cut = len(self._g) + 2
+        return sorted(k[cut:].decode("ascii", "replace") for k, v in held.items() if v == want)
+
+    # -- suspensions ----------------------------------------------------------------------------
+
+    def _skey(self, identity: str) -> bytes:
+        return self._g + b"s:" + identity.encode("utf-8", "surrogateescape")
+
+    def suspension(self, identity: str, now: float) -> Optional[Suspension]:
+        try:
+            raw = self._call("GET", self._skey(identity))
+        except (rexc.RedisError, OSError) as exc:
+            raise self._fail("read", exc) from None
+        held = parse_suspension(identity, raw)
+        return held if held is not None and held.until > now else None
+
+    def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]:
+        value = b"%d %d %s" % (until, int(now), reason.encode("ascii", "replace"))
+        self.relay.run("suspend", lambda c: c.set(self._skey(identity), value, exat=int(until)))
+        doomed = [identity] if is_address(identity) else self.addresses_of(identity)
+        if not doomed:
+            return []
+        missing = set(self.relay.delete(doomed))
+        return [a for a in doomed if normalize_ip(a) not in missing]
+
+    def lift(self, identity: str) -> bool:
+        raw = identity.encode("utf-8", "surrogateescape")
+        keys = [self._skey(identity), self._g + b"a:" + raw] + [self._g + b"c:" + f + b":" + raw
+                                                               for f in (b"recipients", b"messages")]
+
+        def remove(client: Any) -> bool:
+            held = client.delete(keys[0])
+            client.delete(*keys[1:])
+            return bool(held)
+
+        return bool(self.relay.run("lift", remove))
+
+    def suspensions(self, now: float) -> list[Suspension]:
+        held = self.relay.run("list suspensions", lambda c: self._scan(c, b"s:"))
+        cut = len(self._g) + 2
+        found = [parse_suspension(k[cut:].decode("utf-8", "surrogateescape"), v) for k, v in held.items()]
+        return sorted((s for s in found if s is not None and s.until > now), key=lambda s: (s.until, s.identity))
+
+    def usage(self, now: float) -> list[Usage]:
+        minute = int(now) // 60
+
+        def read(client: Any) -> list[Usage]:
+            found: list[Usage] = []
+            cut = len(self._g) + 2
+            for key in client.scan_iter(match=self._pattern(b"c:"), count=1000):
+                family, _, identity = key[cut:].partition(b":")
+                total = sum(int(v) for m, v in client.hgetall(key).items() if int(m) > minute - MINUTES)
+                if total:
+                    found.append(Usage(_s(family), _s(identity), total))
+            for key in client.scan_iter(match=self._pattern(b"a:"), count=1000):
+                n = client.zcount(key, minute - MINUTES + 1, "+inf")
+                if n:
+                    found.append(Usage("addresses", _s(key[cut:]), int(n)))
+            return found
+
+        return self.relay.run("list counters", read)
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.disconnect()
+        if self._own_relay:
+            self.relay.close()
