@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 [ -x "$prefix/bin/python" ] || "$python" -m venv "$prefix"
 "$prefix/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$prefix/bin/python" -m pip install -q "$top"
-for cmd in relaymilter vsmtprelay vnewspammers relaymilter-popwatch relaymilter-test relaymilter-mirror; do
+for cmd in relaymilter vsmtprelay vnewspammers relaymilter-popwatch relaymilter-test relaymilter-mirror relaymilter-guard; do
     ln -sf "$prefix/bin/$cmd" "/usr/local/bin/$cmd"
 done
 mkdir -p "$HOME/etc"

@@ -13,6 +13,8 @@ from relaymilter import config as cfgmod
 from relaymilter.cli.milter import main as milter_main
 from relaymilter.config import load_config, rules_dir
 from relaymilter.errors import ConfigError
+from relaymilter.guardconfig import LIMITS_KEYS
+from relaymilter.policy.modes import FAMILIES
 
 SAMPLE = rules_dir() / "relaymilter.sample.yaml"
 
@@ -60,6 +62,7 @@ def test_sample_documents_every_key_and_only_real_keys():
     schema |= {"relayers.%s" % k for k in cfgmod.RELAYERS_KEYS}
     schema |= {"spammers.%s" % k for k in cfgmod.SPAMMERS_KEYS}
     schema |= {"popwatch.%s" % k for k in cfgmod.POPWATCH_KEYS}
+    schema |= {"limits.%s" % k for k in LIMITS_KEYS} | {"modes.%s" % k for k in FAMILIES}
     assert sample_keys() == schema
 
 

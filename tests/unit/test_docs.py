@@ -23,6 +23,8 @@ import yaml
 
 from relaymilter import config as rconfig
 from relaymilter.cli import entry
+from relaymilter.guardconfig import LIMITS_KEYS
+from relaymilter.policy.modes import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "packaging" / "man"
@@ -105,7 +107,7 @@ def test_man_page_names_every_option(name):
 
 # --- configuration keys: sample == relaymilter.yaml(5) == schema ---------------------------
 
-NESTED = ("relayers", "spammers", "popwatch")
+NESTED = ("relayers", "spammers", "popwatch", "limits", "modes")
 
 
 def sample_keys() -> set[str]:
@@ -133,7 +135,7 @@ def man_keys() -> set[str]:
 def schema_keys() -> set[str]:
     keys = set(rconfig.TOP_KEYS)
     for parent, subs in (("relayers", rconfig.RELAYERS_KEYS), ("spammers", rconfig.SPAMMERS_KEYS),
-                         ("popwatch", rconfig.POPWATCH_KEYS)):
+                         ("popwatch", rconfig.POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES)):
         keys.update("%s.%s" % (parent, s) for s in subs)
     return keys
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "relaymilter-popwatch": "relaymilter.cli.popwatch",
     "relaymilter-test": "relaymilter.cli.harness",
     "relaymilter-mirror": "relaymilter.cli.mirror",
+    "relaymilter-guard": "relaymilter.cli.guard",
 }
 
 EXIT_MISSING = 2    # like a bad configuration: systemd does not retry it (RestartPreventExitStatus=2)
@@ -69,3 +70,7 @@ def harness() -> int:
 
 def mirror() -> int:
     return run("relaymilter-mirror")
+
+
+def guard() -> int:
+    return run("relaymilter-guard")

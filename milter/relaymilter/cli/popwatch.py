@@ -117,6 +117,8 @@ def resolve(opts: argparse.Namespace) -> tuple[Settings, PatternSet]:
         pattern_file=patterns.source,
         patterns=patterns.names,
         config=cfg.source,
+        limits=cfg.limits,
+        limits_warn="limits" in cfg.modes.warn,
     )
     return settings, patterns
 

@@ -42,11 +42,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from relaymilter.errors import ConfigError, StoreUnavailable
+from relaymilter.policy.limits import Limits
 from relaymilter.popwatch.follow import Follower
+from relaymilter.popwatch.logins import LoginGuard
 from relaymilter.popwatch.matcher import Matcher
 from relaymilter.popwatch.patterns import PatternSet
 from relaymilter.popwatch.readback import previous_file, read_file, start_offset
 from relaymilter.popwatch.recorder import Network, Tracker
+from relaymilter.store.guard import open_guard_store
 from relaymilter.store.relayers import RelayStore, open_relay_store
 
 log = logging.getLogger("relaymilter.popwatch")
@@ -69,6 +72,8 @@ class Settings:
     pattern_file: str
     patterns: tuple[str, ...]
     config: str = ""
+    limits: Optional[Limits] = None         # relaying limits (addresses_per_hour is applied at login)
+    limits_warn: bool = False
 
     def readback_window(self, patterns: PatternSet) -> int:
         sessions = any(p.tracks_sessions for p in patterns.patterns)
@@ -102,7 +107,11 @@ class Watcher:
         self._flushed = 0.0         # monotonic time of the last flush
 
     def _open_store(self, settings: Settings) -> Optional[RelayStore]:
-        return self._store_factory(settings.dbfile) if settings.write else None
+        if not settings.write:
+            return None
+        store = self._store_factory(settings.dbfile)
+        # Each login's user goes in the users map beside relayers.db (popwatch.logins).
+        return LoginGuard(store, open_guard_store(settings.dbfile), settings.limits, settings.limits_warn)
 
     # -- control ------------------------------------------------------------
 
@@ -190,7 +199,10 @@ class Watcher:
 
     def _feed(self, block: bytes, now: float, backlog: bool) -> None:
         since = self._cutoff if backlog else None
-        self.tracker.handle_all(self.matcher.scan(block, now), now, backlog, since)
+        events = self.matcher.scan(block, now)
+        if events and isinstance(self.store, LoginGuard):
+            self.store.note(events)
+        self.tracker.handle_all(events, now, backlog, since)
 
     def _step(self, read: bool = True, final: bool = False) -> None:
         chunks = self.follower.read() if read else []
@@ -255,6 +267,8 @@ class Watcher:
             self.follower.start()
         else:
             self.follower.reopen()
+        if isinstance(self.store, LoginGuard):
+            self.store.limits, self.store.warn = settings.limits, settings.limits_warn
         self.settings, self.patterns = settings, patterns
 
     def summary(self) -> str:
