@@ -26,6 +26,9 @@ DESCRIPTION
     One log line per decision, Postfix style, queued on the decision log
     (relaymilter.decisionlog):
       <id>: reject: RCPT from [192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; from=<a@b> to=<bob@remote.example> resolved=bob@remote.example rule=default_reject
+    A relayed recipient's line names the identity (user=alice); a refusal
+    a warn-only rule family did not make is logged as "would reject:" in
+    the same shape, and the step continues.
     <id> is the connection id; the log's own prefix carries the worker's PID.
 
 DIAGNOSTICS
@@ -137,6 +140,7 @@ class Connection:
                 decision: Decision = _INTERNAL
             else:
                 decision = self.session.mail(sender, auth)
+                extra += self.session.note
             return self._answer("MAIL", decision, None, extra)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envfrom")
@@ -147,7 +151,7 @@ class Connection:
             if self.broken:
                 return self._answer("RCPT", _INTERNAL, rcpt, "")
             verdict = self.session.rcpt(rcpt)
-            return self._answer("RCPT", verdict.decision, rcpt, verdict.destination.detail)
+            return self._answer("RCPT", verdict.decision, rcpt, verdict.destination.detail + self.session.note)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envrcpt")
 
@@ -155,7 +159,11 @@ class Connection:
         """Log the decision and turn it into setreply() + a pymilter return code."""
         if type(decision) is Continue:
             if self.note is not None:
-                self._log_pass(stage, decision, rcpt, extra)
+                warned = self.session.warned
+                if warned is not None and not self.broken:     # warn-only mode (policy.modes)
+                    self._log_refusal(stage, warned, rcpt, extra, "would reject")
+                else:
+                    self._log_pass(stage, decision, rcpt, extra)
             return Milter.CONTINUE
         assert isinstance(decision, (Reject, TempFail))
         if self.note is not None:
@@ -175,10 +183,11 @@ class Connection:
             self.note(_PASS_RCPT % (self.tag, self.client_text, sender, printable(rcpt, LOG_TEXT_MAX),
                                     extra, decision.rule))
 
-    def _log_refusal(self, stage: str, decision: Reject | TempFail, rcpt: Optional[str], extra: str) -> None:
-        assert self.note is not None
+    def _log_refusal(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str,
+                     verb: str = "") -> None:
+        assert self.note is not None and not isinstance(decision, Continue)
         reply = decision.reply
-        verb = "reject" if type(decision) is Reject else "tempfail"
+        verb = verb or ("reject" if type(decision) is Reject else "tempfail")
         sender = printable(self.session.sender, LOG_TEXT_MAX)
         if rcpt is None:
             self.note(_REFUSE_MAIL % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,

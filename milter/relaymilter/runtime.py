@@ -27,8 +27,11 @@ from typing import Optional, TypeVar
 from relaymilter.config import Config
 from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.policy.decision import Decision
+from relaymilter.policy.limits import Guard
 from relaymilter.policy.mail import SenderKeys, mail_plan
+from relaymilter.policy.modes import Modes
 from relaymilter.policy.rcpt import Client, Destination, RcptPolicy, destination
+from relaymilter.store.guard import Ask, open_guard_store
 from relaymilter.store.relayers import RelayStore, open_relay_store
 from relaymilter.store.spammers import SpammersMap
 
@@ -74,6 +77,17 @@ class Runtime:
         self.rcpt_memo: dict[str, Destination] = {}
         self.sender_memo: dict[str, SenderKeys | Decision] = {}
         self.client_memo: dict[str, Client] = {}
+        # Who is relaying and how much (policy.limits): the files beside relayers.db, or its Redis.
+        guard_store = (previous.guard.store if previous is not None and previous.relayers is self.relayers
+                       else open_guard_store(location, relay=self.relayers))
+        self.guard = Guard(config.limits, guard_store, Ask)
+        # The modes of the newest configuration, shared by every Runtime of the chain: a
+        # connection reads them at each MAIL (policy.modes: a reload applies from the next transaction).
+        self._modes: list[Modes] = previous._modes if previous is not None else [config.modes]
+        self._modes[0] = config.modes
+
+    def current_modes(self) -> Modes:
+        return self._modes[0]
 
     def client(self, addr: str) -> Client:
         """RcptPolicy.client() for libmilter's address text, memoised."""

@@ -103,7 +103,8 @@ def test_relayed_for_a_pop_before_smtp_client(milter: Any, row: dict[str, Any]) 
         # mark it, and leave the syntax to the MTA for a client that may relay.
         assert " error=" in line
     else:
-        assert " resolved=%s rule=" % fill(row["resolves_to"]) in line
+        # The relaying session is named: no AUTH, no POP user recorded, so its address.
+        assert " resolved=%s user=%s rule=" % (fill(row["resolves_to"]), RELAYER) in line
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["rcpt"] for r in ROWS])

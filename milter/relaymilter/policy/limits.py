@@ -138,12 +138,11 @@ class Guard:
     """Limits and identities for one configuration (see the module notes)."""
 
     def __init__(self, limits: Optional[Limits], store: Optional[Store], make_ask: Callable[..., object],
-                 warn: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.table = limits.table() if limits is not None else {}
         self.store = store
         self.make_ask = make_ask
-        self.warn = warn
         self.clock = clock
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -171,7 +170,7 @@ class Guard:
 
     # -- MAIL ------------------------------------------------------------------------------------
 
-    def at_mail(self, auth: Optional[str], now: float) -> Step:
+    def at_mail(self, auth: Optional[str], now: float, warn: bool = False) -> Step:
         """An AUTH session's MAIL: refused while its user is suspended."""
         if not auth or not self.active or not self._available():
             return PASS
@@ -183,7 +182,7 @@ class Guard:
             return Step(None, "limits=unavailable ")
         if held is None:
             return PASS
-        return self._refuse(SUSPENDED, "user=%s " % auth)
+        return self._refuse(SUSPENDED, "user=%s " % auth, warn)
 
     # -- RCPT ------------------------------------------------------------------------------------
 
@@ -199,7 +198,7 @@ class Guard:
             txn.identity = identity or address
         return txn.identity
 
-    def at_rcpt(self, txn: Txn, address: str, auth: Optional[str], now: float) -> Step:
+    def at_rcpt(self, txn: Txn, address: str, auth: Optional[str], now: float, warn: bool = False) -> Step:
         """A recipient relayed because the client authenticated or is listed in relayers.db."""
         if not self.active or not address:
             return Step(None, _note(self.name(txn, address, auth) if address else auth))
@@ -208,7 +207,7 @@ class Guard:
         assert self.store is not None and self.limits is not None
         add = {"recipients": 1} if txn.counted else {"recipients": 1, "messages": 1}
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
-                            now=now, see="addresses" in self.table and not txn.seen, force=self.warn)
+                            now=now, see="addresses" in self.table and not txn.seen, force=warn)
         try:
             outcome = self.store.gate(ask)
         except StoreUnavailable as exc:
@@ -217,19 +216,19 @@ class Guard:
         identity = txn.identity = outcome.identity
         note = _note(identity)
         if outcome.suspended is not None:
-            return self._refuse(SUSPENDED, note)
+            return self._refuse(SUSPENDED, note, warn)
         charge = outcome.charge
         assert charge is not None
         txn.seen = True
         over = charge.over
-        if over is None or self.warn:
+        if over is None or warn:
             txn.counted = True
         if over is None:
             return Step(None, note)
         refusal = OVER[over]
-        if self.limits.suspend_minutes and not self.warn:
+        if self.limits.suspend_minutes and not warn:
             self._suspend(identity, refusal.rule, now)
-        return self._refuse(refusal, note + "count=%d " % charge.counts.get(over, 0))
+        return self._refuse(refusal, note + "count=%d " % charge.counts.get(over, 0), warn)
 
     def _suspend(self, identity: str, rule: str, now: float) -> None:
         assert self.store is not None and self.limits is not None and self.limits.suspend_minutes
@@ -243,8 +242,8 @@ class Guard:
         log.warning("suspended %s for %d minutes (%s); removed from the relayers map: %s", identity,
                     self.limits.suspend_minutes, rule, " ".join(removed) or "none")
 
-    def _refuse(self, refusal: Decision, note: str) -> Step:
-        if self.warn:
+    def _refuse(self, refusal: Decision, note: str, warn: bool) -> Step:
+        if warn:
             self.stats["would_refuse"] += 1
             return Step(None, note, refusal)
         self.stats[refusal.rule] += 1

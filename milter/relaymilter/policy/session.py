@@ -47,7 +47,17 @@ DESCRIPTION
 
     A rule family in warn-only mode answers as if it had passed and has its
     refusal logged as "would reject"; that is decided where the family's
-    step returns, never further out.
+    step returns, never further out (_warn): the refusal not made is left in
+    Session.warned for the adapter's log line, with Session.note (the
+    identity, ``user=``) beside it. The modes are read from the
+    configuration in force at each MAIL (Sources.current_modes), so a SIGHUP
+    applies from the next transaction, in open connections too.
+
+    Limits (policy.limits): every recipient relayed because the client
+    AUTHENTICATED or is LISTED goes through Sources.guard, which names the
+    identity and counts it; a TRUSTED client's relaying is named (its AUTH
+    user, else its address) and never limited. An AUTH user's suspension is
+    answered at MAIL.
 
     MAIL FROM: the null sender passes unasked; otherwise the sender's keys
     (policy.mail.mail_plan) are matched against the whole spammers list.
@@ -74,7 +84,9 @@ from typing import NamedTuple, Optional, Protocol
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Continue, Decision, TempFail
+from relaymilter.policy.limits import Guard, Txn
 from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
+from relaymilter.policy.modes import ENFORCE_ALL, Modes
 from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place, RcptPolicy
 
 
@@ -105,6 +117,10 @@ class Sources(Protocol):
     def spammers_listed(self) -> AbstractSet[str]:
         """Every key of the spammers map; StoreUnavailable if unreadable."""
 
+    # Optional (a Sources without them has no limits and enforces every rule):
+    #   guard: policy.limits.Guard
+    #   current_modes() -> policy.modes.Modes, the modes of the configuration in force now
+
 
 class RcptVerdict(NamedTuple):
     """A RCPT decision and the destination it was made for (the log line shows both)."""
@@ -122,15 +138,21 @@ _GRANTED = {s: Continue(s.value) for s in (Standing.TRUSTED, Standing.AUTHENTICA
 class Session:
     """One SMTP connection's decisions, in the order the MTA asks for them."""
 
-    __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing")
+    __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing", "guard", "modes", "txn", "warned",
+                 "note")
 
     def __init__(self, sources: Sources, clock: Callable[[], float] = time.time) -> None:
         self.sources = sources
-        self.clock = clock                  # for the relayers window
+        self.clock = clock                  # for the relayers window and the limits
         self.client = UNKNOWN_CLIENT        # until CONNECT says otherwise: never trusted
         self.auth: Optional[str] = None     # {auth_authen} of the current transaction
         self.sender = "<>"
         self._standing: Optional[Standing] = None
+        self.guard: Optional[Guard] = getattr(sources, "guard", None)
+        self.modes: Modes = ENFORCE_ALL     # as of the last MAIL
+        self.txn = Txn()
+        self.warned: Optional[Decision] = None   # the refusal the last verdict did not make (warn mode)
+        self.note = ""                      # what the last verdict's log line adds (user=...)
 
     def connect(self, client: Client) -> None:
         """A new SMTP session from *client* (RcptPolicy.client / local_client, or UNKNOWN_CLIENT)."""
@@ -144,17 +166,37 @@ class Session:
         self.sender = sender
         self.auth = auth or None
         self._standing = None
+        self.txn = Txn()
+        self.warned, self.note = None, ""
+        current = getattr(self.sources, "current_modes", None)
+        self.modes = current() if current is not None else ENFORCE_ALL
         plan = self.sources.mail_plan(sender)
         if not isinstance(plan, SenderKeys):
-            return plan
+            return self._warn(plan)
         try:
             listed = self.sources.spammers_listed()
         except StoreUnavailable:
             return SPAMMERS_UNAVAILABLE
-        return SENDER_OK if listed.isdisjoint(plan.keys) else SPAMMER
+        if not listed.isdisjoint(plan.keys):
+            return self._warn(SPAMMER)
+        guard = self.guard
+        if self.auth and guard is not None and guard.active:
+            step = guard.at_mail(self.auth, self.clock(), "limits" in self.modes.warn)
+            self.note, self.warned = step.note, step.would
+            if step.refusal is not None:
+                return step.refusal
+        return SENDER_OK
+
+    def _warn(self, decision: Decision) -> Decision:
+        """*decision*, or - for a refusal of a family in warn mode - a pass, the refusal kept in warned."""
+        if self.modes.warns(decision):
+            self.warned = decision
+            return Continue(decision.rule)
+        return decision
 
     def rcpt(self, rcpt: str) -> RcptVerdict:
         """RCPT TO: the steps of the module notes, in order."""
+        self.warned, self.note = None, ""
         dest = self.sources.destination(rcpt)
         place = dest.place
         if place is Place.LOCAL:
@@ -164,10 +206,21 @@ class Session:
         standing = self.standing()
         granted = _GRANTED.get(standing)
         if granted is not None:
-            return RcptVerdict(granted, dest)
+            return RcptVerdict(self._limits(standing, granted), dest)
         if standing is Standing.UNAVAILABLE:
             return RcptVerdict(RELAYERS_UNAVAILABLE, dest)
-        return RcptVerdict(dest.refusal, dest)
+        return RcptVerdict(self._warn(dest.refusal), dest)
+
+    def _limits(self, standing: Standing, granted: Decision) -> Decision:
+        """A relayed recipient: named, and (AUTHENTICATED or LISTED) counted against the limits."""
+        guard, key = self.guard, self.client.key
+        if standing is Standing.TRUSTED or guard is None:
+            identity = self.auth or key
+            self.note = "user=%s " % identity if identity else ""
+            return granted
+        step = guard.at_rcpt(self.txn, key, self.auth, self.clock(), "limits" in self.modes.warn)
+        self.note, self.warned = step.note, step.would
+        return step.refusal if step.refusal is not None else granted
 
     def standing(self) -> Standing:
         """The client's standing in this transaction, worked out at most once per transaction."""

@@ -254,11 +254,16 @@ class HostGuardStore:
         self.counters.close()
 
 
-def open_guard_store(relayers_location: str, create: bool = True) -> GuardStore:
-    """The guard store that goes with a relayers map (a path, or a Redis URL)."""
+def open_guard_store(relayers_location: str, create: bool = True, relay: Optional[object] = None) -> GuardStore:
+    """The guard store that goes with a relayers map (a path, or a Redis URL).
+
+    *relay*: the open relayers store of that URL, whose connections a Redis
+    guard store then shares.
+    """
     if relayers_location.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         from relaymilter.store.guardredis import RedisGuardStore  # optional dependency
+        from relaymilter.store.redis import RedisRelayStore
 
-        return RedisGuardStore(relayers_location)
+        return RedisGuardStore(relayers_location, relay if isinstance(relay, RedisRelayStore) else None)
     return HostGuardStore(relayers_location, create=create)
 
