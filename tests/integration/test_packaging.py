@@ -55,7 +55,7 @@ SYSTEM_CONFIG = "/etc/relaymilter/relaymilter.yaml"
 STATE = Path("/var/lib/relaymilter")
 SITE = "/usr/lib/python3/dist-packages"
 COMMANDS = ("relaymilter", "vsmtprelay", "vnewspammers", "relaymilter-popwatch", "relaymilter-test",
-            "relaymilter-mirror")
+            "relaymilter-mirror", "relaymilter-guard")
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
 PREVIOUS = __version__ + "-0"
 CURRENT = __version__ + "-1"
