@@ -42,12 +42,15 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import socket
 from typing import Any, Callable, Optional
 
 import Milter
+from milter import error as MilterError  # pymilter's C extension
 
 from relaymilter import replies
 from relaymilter.decisionlog import printable
@@ -251,8 +254,25 @@ def callbacks(holder: RuntimeHolder) -> dict[str, Callable[..., int]]:
     return {"negotiate": negotiate, "connect": connect, "envfrom": envfrom, "envrcpt": envrcpt, "close": close}
 
 
-def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> None:
-    """Serve the milter protocol on *socket_spec* until libmilter stops (blocks).
+def open_socket(socket_spec: str, name: str = "relaymilter") -> None:
+    """Open the listening socket in this process, before any worker is forked (libmilter keeps it).
+
+    Each worker's serve() finds it open and accepts on it: N processes share
+    one socket. An existing unix socket file is replaced. Raises OSError
+    naming the cause (EADDRINUSE, EACCES, ...) when it cannot be opened.
+    """
+    import milter as _milter  # pymilter's C extension
+
+    _milter.setconn(socket_spec)
+    _milter.register(name)
+    try:
+        _milter.opensocket(True)
+    except MilterError:
+        raise _socket_error(socket_spec) from None
+
+
+def serve(holder: RuntimeHolder, name: str = "relaymilter") -> None:
+    """Serve the milter protocol on the socket open_socket() opened, until libmilter stops (blocks).
 
     Registers with pymilter's C module directly rather than through
     Milter.runmilter: only the steps relaymilter uses get a Python callback,
@@ -266,18 +286,45 @@ def run(holder: RuntimeHolder, socket_spec: str, name: str = "relaymilter") -> N
     for step in ("connect", "envfrom", "envrcpt", "close"):
         getattr(_milter, "set_%s_callback" % step)(funcs[step])
     _milter.set_exception_policy(Milter.TEMPFAIL)
-    _milter.setconn(socket_spec)
     _milter.settimeout(600)
     _milter.register(name, negotiate=funcs["negotiate"], data=None, unknown=None)
-    _milter.opensocket(True)
     _milter.main()
 
 
 def stop() -> None:
-    """Ask libmilter to stop accepting connections and return from run()."""
+    """Ask libmilter to stop accepting connections and return from serve()."""
     import milter as _milter  # pymilter's C extension
 
     _milter.stop()
 
 
-__all__ = ["Connection", "Runtime", "RuntimeHolder", "callbacks", "run", "stop"]
+def _socket_error(spec: str) -> OSError:
+    """Why libmilter could not listen on *spec*: the same bind, made here, names the errno.
+
+    libmilter only says it failed (its reason goes to syslog), so the bind is
+    tried again with Python's socket module, which raises with the cause.
+    """
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind in ("unix", "local"):
+            family, address = socket.AF_UNIX, rest
+            probe_path: Optional[str] = rest
+        else:
+            port, _, host = rest.partition("@")
+            family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+            address = (host, int(port))      # type: ignore[assignment]
+            probe_path = None
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+        if probe_path is not None:
+            os.unlink(probe_path)
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "")
+        return OSError(exc.errno, "%s%s" % (exc.strerror or exc, " (%s)" % name if name else ""))
+    except ValueError as exc:
+        return OSError(errno.EINVAL, str(exc))
+    return OSError(errno.EIO, "libmilter could not listen (no cause found; see syslog)")
+
+
+__all__ = ["Connection", "MilterError", "Runtime", "RuntimeHolder", "callbacks", "open_socket", "serve", "stop"]

@@ -49,7 +49,7 @@ SOCKET_RE = re.compile(r"^(?:inet:\d{1,5}(?:@\S+)?|inet6:\d{1,5}(?:@\S+)?|(?:uni
 PREFIX_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){0,3}$")
 
 TOP_KEYS = (
-    "socket", "log", "log_level", "local_domains", "local_domains_file", "add_host_names",
+    "socket", "workers", "log", "log_level", "local_domains", "local_domains_file", "add_host_names",
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
     "limits", "modes",
@@ -96,6 +96,7 @@ class PopwatchConfig:
 class Config:
     source: str
     socket: str = DEFAULT_SOCKET
+    workers: Optional[int] = None           # milter processes; None = auto (the CPUs this process may use)
     log: str = "stderr"
     log_level: str = "info"
     local_domains: frozenset[str] = frozenset()
@@ -262,6 +263,33 @@ def _check_redis_url(rel: Mapping, url: str) -> None:
         raise rel.err("url", str(exc)) from None
 
 
+def socket_problem(spec: str) -> Optional[str]:
+    """Why *spec* is not a socket relaymilter may listen on, or None.
+
+    libmilter reads ``inet:PORT`` with no host as every interface; a relay
+    decision socket must never be reachable from the network by accident,
+    so the host is required (``@0.0.0.0`` says it on purpose).
+    """
+    if not SOCKET_RE.match(spec):
+        return "want inet:PORT@HOST, inet6:PORT@HOST or unix:/path, got %r" % spec
+    if spec.startswith(("inet:", "inet6:")) and "@" not in spec:
+        loopback = "127.0.0.1" if spec.startswith("inet:") else "::1"
+        return ("%s names no host, and libmilter would listen on every interface: write %s@%s for loopback, "
+                "or name the address to listen on" % (spec, spec, loopback))
+    return None
+
+
+def parse_workers(value: object) -> Optional[int]:
+    """The ``workers`` setting: a whole number >= 1, or "auto" (None: the CPUs this process may use)."""
+    if value == "auto":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ValueError("must be auto or a whole number from 1 to 256, got %r" % (value,))
+    return value
+
+
 def load_config(path: Optional[str] = None) -> Config:
     """Read and validate the configuration (see find_config for which file)."""
     source = find_config(path)
@@ -269,8 +297,14 @@ def load_config(path: Optional[str] = None) -> Config:
     top.check_keys(TOP_KEYS)
 
     socket_spec = top.str("socket", DEFAULT_SOCKET)
-    if not SOCKET_RE.match(socket_spec):
-        raise top.err("socket", "want inet:PORT@HOST, inet6:PORT@HOST or unix:/path, got %r" % socket_spec)
+    problem = socket_problem(socket_spec)
+    if problem:
+        raise top.err("socket", problem)
+    workers_text = top.value("workers", "auto")
+    try:
+        workers = parse_workers(workers_text)
+    except ValueError as exc:
+        raise top.err("workers", str(exc)) from None
 
     trusted_extra: list[Network] = []
     local = set(_domains(top, "local_domains", trusted_extra))
@@ -331,6 +365,7 @@ def load_config(path: Optional[str] = None) -> Config:
     return Config(
         source=source,
         socket=socket_spec,
+        workers=workers,
         log=_choice(top, "log", "stderr", ("stderr", "syslog")),
         log_level=_choice(top, "log_level", "info", ("debug", "info", "warning", "error")),
         local_domains=frozenset(local),

@@ -107,10 +107,19 @@ class MilterProcess:
         return self.proc.pid
 
     def worker_pid(self) -> int:
-        """The libmilter child serving connections."""
+        """A libmilter worker serving connections (the first one)."""
         kids = children(self.pid)
-        assert kids, "no libmilter child"
+        assert kids, "no libmilter worker"
         return kids[0]
+
+    def workers(self, count: Optional[int] = None, timeout: float = 10.0) -> list[int]:
+        """The worker PIDs; with *count*, wait (bounded) until that many are running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            kids = children(self.pid)
+            if count is None or len(kids) == count or time.monotonic() > deadline:
+                return kids
+            time.sleep(0.02)
 
     def log(self) -> str:
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -186,8 +185,7 @@ def test_killed_milter_means_451_never_250(sendmail_factory, tmp_path):
         BDBRelayStore(milter.relayers_db).add({"127.0.0.5": int(time.time())})
         mx = sendmail_factory(milter_socket="unix:%s" % milter.sock_path, local_domains=LOCAL)
         assert codes(mta.rcpt_replies(mx.port, "127.0.0.6", "<a@example.net>", ["<bob@remote.example>"])) == [550]
-        os.kill(milter.worker_pid(), signal.SIGKILL)
-        milter.proc.wait(20)
+        milter.stop()       # SIGKILL, supervisor and every worker
         for client in ("127.0.0.5", "127.0.0.6"):
             t = mta.smtp_session(mx.port, client, "<a@example.net>", ["<bob@remote.example>", "<alice@local.test>"])
             assert t.mail[0] == 451 or all(r[0] == 451 for r in t.rcpts), t

@@ -163,3 +163,33 @@ def test_check_config_installed_script_on_bundled_rules():
 def test_bad_socket_option(capsys):
     assert milter_main(["--socket", "tcp:25", "--check-config"]) == 2
     assert "--socket" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, workers", [("", None), ("workers: auto\n", None), ("workers: 3\n", 3)])
+def test_workers(tmp_path, text, workers):
+    assert load_config(write(tmp_path, text)).workers == workers
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "true", "1.5", "300"])
+def test_bad_workers_names_the_line(tmp_path, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "log: stderr\nworkers: %s\n" % value))
+    assert re.search(r"c\.yaml:2: workers: must be auto or a whole number", str(info.value))
+
+
+def test_bad_workers_option(tmp_path, capsys):
+    cfg = write(tmp_path, "log: stderr\n")
+    assert milter_main(["-c", cfg, "--workers", "none", "--check-config"]) == 2
+    assert "--workers must be auto or a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["inet:8894", "inet6:8894"])
+def test_a_socket_without_a_host_is_refused(tmp_path, capsys, spec):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "socket: %s\n" % spec))
+    assert "names no host, and libmilter would listen on every interface" in str(info.value)
+    cfg = write(tmp_path, "log: stderr\n", name="ok.yaml")
+    assert milter_main(["-c", cfg, "--socket", spec, "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relaymilter: error: --socket: %s names no host" % spec)
+    assert milter_main(["-c", cfg, "--socket", spec + "@0.0.0.0", "--check-config"]) == 0

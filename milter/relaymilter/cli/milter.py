@@ -2,26 +2,23 @@
     relaymilter - the relay-control milter for sendmail and Postfix
 
 SYNOPSIS
-    relaymilter [-c FILE] [--socket SPEC] [--log stderr|syslog] [--debug]
+    relaymilter [-c FILE] [--socket SPEC] [--workers N|auto] [--log stderr|syslog] [--debug]
     relaymilter [-c FILE] --check-config
 
 DESCRIPTION
     Runs in the foreground. With no arguments it serves the bundled default
     rules on inet:8894@127.0.0.1 (see relaymilter.config.find_config for
-    which file is read). SIGHUP re-reads the configuration and the domain
-    files for new connections, without dropping any; a broken new file keeps
-    the old rules running and says why. SIGTERM (or SIGINT) stops cleanly.
-
-    Why two processes: libmilter runs its own signal thread that sigwait()s
-    SIGHUP, SIGTERM and SIGINT and *stops* the milter on SIGHUP. So a small
-    supervisor owns the signals: it forwards SIGTERM/SIGINT to the libmilter
-    child, and turns SIGHUP into a "reload" message on a pipe the child reads
-    in a thread of its own. If the child dies, the supervisor exits non-zero
-    (systemd's Restart=on-failure brings it back).
+    which file is read), with one worker process per CPU it may use.
+    SIGHUP re-reads the configuration and the domain files for new
+    connections, without dropping any; a broken new file keeps the old rules
+    running in every worker and says why. SIGTERM (or SIGINT) stops cleanly.
+    relaymilter.supervisor says how the processes work together.
 
 DIAGNOSTICS
     Exit 2 with `relaymilter: error: FILE:LINE: message` for a bad
-    configuration; exit 1 if the milter could not start or died.
+    configuration, or a socket without a host (inet:PORT would listen on
+    every interface); exit 1 if the socket cannot be opened (the message
+    names the cause, e.g. EADDRINUSE or EACCES).
 """
 
 from __future__ import annotations
@@ -31,21 +28,17 @@ import importlib
 import logging
 import logging.handlers
 import os
-import signal
 import sys
-import threading
-import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from relaymilter import __version__
-from relaymilter.config import SOCKET_RE, Config, load_config
+from relaymilter.config import Config, load_config, parse_workers, socket_problem
 from relaymilter.errors import ConfigError
 
 if TYPE_CHECKING:
     from relaymilter.decisionlog import DecisionLog
 
 PROG = "relaymilter"
-STOP_WAIT = 30.0   # seconds the supervisor waits for the milter after SIGTERM
 
 log = logging.getLogger("relaymilter")
 
@@ -55,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with relayers.db as the POP-before-SMTP map.")
     p.add_argument("-c", "--config", metavar="FILE", help="configuration file (default: bundled rules)")
     p.add_argument("--socket", metavar="SPEC", help="inet:PORT@HOST, inet6:PORT@HOST or unix:/path")
+    p.add_argument("--workers", metavar="N|auto", help="worker processes (default: the config's workers, auto)")
     p.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     p.add_argument("--log", choices=("stderr", "syslog"), help="where decisions are logged")
     p.add_argument("--debug", action="store_true", help="log at debug level")
@@ -99,98 +93,23 @@ def describe(config: Config) -> str:
         r.location, " (window %d min)" % r.window if r.window else "", os.path.expanduser(config.spammers.path))
 
 
-def _child(config: Config, opts: argparse.Namespace, socket_spec: str, control: int) -> int:
-    """The libmilter process: serve until stopped; reload on a message from the supervisor."""
-    from relaymilter import adapter  # imports pymilter; only the child needs it
+def serve_worker(opts: argparse.Namespace) -> Callable[[Config, int], int]:
+    """What a forked worker runs: the decision log is made there (its writer is a thread)."""
 
-    holder = adapter.RuntimeHolder(adapter.Runtime(config), decision_log(config, opts))
+    def serve(config: Config, control: int) -> int:
+        from relaymilter import worker
 
-    def reload() -> None:
-        try:
-            new = load_config(opts.config)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        if (opts.socket or new.socket) != socket_spec:
-            log.warning("reload: the socket cannot change while running (still %s); restart to move it", socket_spec)
-        holder.swap(new)
-        log.info("reloaded %s", describe(new))
+        worker.die_with_parent(os.getppid())
+        return worker.run(config, control, decision_log(config, opts), describe)
 
-    def listen() -> None:
-        while True:
-            try:
-                data = os.read(control, 64)
-            except OSError:
-                data = b""
-            if not data:          # the supervisor is gone: stop serving
-                adapter.stop()
-                return
-            for _ in range(data.count(b"R")):
-                reload()
-
-    threading.Thread(target=listen, name="reload", daemon=True).start()
-    log.info("starting on %s; %s", socket_spec, describe(config))
-    try:
-        adapter.run(holder, socket_spec)
-    except Exception as exc:  # noqa: BLE001 - pymilter raises milter.error (not importable here) on start failure
-        log.error("cannot serve on %s: %s", socket_spec, exc)
-        return 1
-    log.info("stopped")
-    holder.decisions.close()
-    return 0
+    return serve
 
 
-def supervise(config: Config, opts: argparse.Namespace, socket_spec: str) -> int:
-    """Fork the libmilter child and translate signals for it (see the module header)."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(wfd)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        code = 1
-        try:
-            code = _child(config, opts, socket_spec, rfd)
-        finally:
-            logging.shutdown()
-            os._exit(code)
-    os.close(rfd)
-    stopping = {"at": 0.0}
+def worker_count(config: Config, opts: argparse.Namespace) -> int:
+    from relaymilter.supervisor import cpu_count
 
-    def on_hup(signum: int, frame: object) -> None:
-        try:
-            os.write(wfd, b"R")
-        except OSError:
-            pass
-
-    def on_term(signum: int, frame: object) -> None:
-        if not stopping["at"]:
-            stopping["at"] = time.monotonic()
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGHUP, on_hup)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return 1
-        if done:
-            break
-        if stopping["at"] and time.monotonic() - stopping["at"] > STOP_WAIT:
-            log.error("milter did not stop within %gs; killing it", STOP_WAIT)
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-    os.close(wfd)
-    code = os.waitstatus_to_exitcode(status)
-    if stopping["at"]:
-        return 0 if code in (0, -signal.SIGTERM, -signal.SIGKILL) else 1
-    log.error("milter process exited unexpectedly (status %d)", code)
-    return 1
+    n = parse_workers(opts.workers) if opts.workers is not None else config.workers
+    return n if n is not None else cpu_count()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -201,9 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write("%s: error: %s\n" % (PROG, exc))
         return 2
     socket_spec = opts.socket or config.socket
-    if not SOCKET_RE.match(socket_spec):
-        sys.stderr.write("%s: error: --socket: want inet:PORT@HOST, inet6:PORT@HOST or unix:/path, got %r\n"
-                         % (PROG, socket_spec))
+    problem = socket_problem(socket_spec)
+    if problem:
+        sys.stderr.write("%s: error: %s: %s\n" % (PROG, "--socket" if opts.socket else "socket", problem))
+        return 2
+    try:
+        workers = worker_count(config, opts)
+    except ValueError as exc:
+        sys.stderr.write("%s: error: --workers %s\n" % (PROG, exc))
         return 2
     if opts.check_config:
         sys.stdout.write("%s: configuration OK: %s\n" % (PROG, describe(config)))
@@ -212,7 +136,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # command (relaymilter.cli.entry), not a child that dies unexplained.
     importlib.import_module("relaymilter.adapter")
     setup_logging(config, opts.log, opts.debug)
-    return supervise(config, opts, socket_spec)
+    from relaymilter.supervisor import Supervisor
+
+    return Supervisor(config, socket_spec, workers, lambda: load_config(opts.config), serve_worker(opts),
+                      describe).run()
 
 
 if __name__ == "__main__":
