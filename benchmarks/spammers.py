@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from relaymilter.policy.mail import SENDER_OK, SPAMMER, SenderKeys, mail_plan, sender_keys
+from relaymilter.address.keys import sender_keys
+from relaymilter.policy.mail import SENDER_OK, SPAMMER, SenderKeys, mail_plan
 from relaymilter.store.spammers import SpammersMap, read_source, rebuild, write_db
 
 

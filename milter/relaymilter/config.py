@@ -35,10 +35,11 @@ from typing import Optional, Union
 from relaymilter import pydeps
 from relaymilter.errors import ConfigError
 from relaymilter.guardconfig import parse_limits, parse_modes
-from relaymilter.policy.address import BadAddress
-from relaymilter.policy.address import normalize_domain as policy_normalize_domain
+from relaymilter.address.resolve import BadAddress
+from relaymilter.address.resolve import normalize_domain as policy_normalize_domain
 from relaymilter.policy.limits import Limits
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
+from relaymilter.store import is_store_url
 from relaymilter.yamlcheck import Mapping, compose_file, where
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -253,6 +254,8 @@ def _choice(m: Mapping, key: str, default: str, allowed: tuple[str, ...]) -> str
 
 def _check_redis_url(rel: Mapping, url: str) -> None:
     """A bad Redis URL or option stops start-up here, not at the first relay attempt."""
+    if not is_store_url(url):
+        raise rel.err("url", "want redis://HOST:PORT/DB, rediss://..., unix://... or redis+sentinel://...")
     try:
         from relaymilter.store.redisurl import parse_store_url  # needs redis-py: only for a url
     except ModuleNotFoundError as exc:
@@ -332,8 +335,6 @@ def load_config(path: Optional[str] = None) -> Config:
     rel = top.sub("relayers")
     rel.check_keys(RELAYERS_KEYS, "relayers key")
     url = rel.str("url", None, nullable=True)
-    if url is not None and not re.match(r"^(rediss?|unix|redis\+sentinel)://", url):
-        raise rel.err("url", "want redis://HOST:PORT/DB, rediss://..., unix://... or redis+sentinel://...")
     if url is not None:
         _check_redis_url(rel, url)
     relayers = RelayersConfig(

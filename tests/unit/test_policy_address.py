@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from relaymilter.policy import BadAddress, Resolved, normalize_domain, parent_domains, resolve
-from relaymilter.policy.address import MAX_ADDRESS_BYTES, MAX_ROUNDS, dequote, is_null
+from relaymilter.address.resolve import BadAddress, Resolved, normalize_domain, parent_domains, resolve
+from relaymilter.address.resolve import MAX_ADDRESS_BYTES, MAX_ROUNDS, dequote, is_null
 
 LOCAL = frozenset({"local.test", "mail.local.test", "[192.0.2.10]"})
 

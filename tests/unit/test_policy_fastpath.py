@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from relaymilter.policy import address as addr
-from relaymilter.policy.tokens import clean_text
+from relaymilter.address import resolve as addr
+from relaymilter.address.tokens import clean_text
 
 ATOM = "abcxyzABCXYZ0189_+=-"
 

@@ -13,7 +13,9 @@ import relaymilter.policy
 POLICY_DIR = Path(relaymilter.policy.__file__).resolve().parent
 FORBIDDEN = ("Milter", "milter", "berkeleydb", "bsddb3", "yaml", "redis",
              "relaymilter.store", "relaymilter.adapter", "relaymilter.config")
-ALLOWED_RELAYMILTER = ("relaymilter.ipaddr", "relaymilter.errors", "relaymilter.replies", "relaymilter.policy")
+ALLOWED_RELAYMILTER = ("relaymilter.ipaddr", "relaymilter.errors", "relaymilter.replies", "relaymilter.policy",
+                       "relaymilter.address")
+PACKAGE_DIR = POLICY_DIR.parent
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -37,7 +39,29 @@ MODULES = sorted(POLICY_DIR.glob("*.py"))
 
 
 def test_the_policy_package_has_its_modules() -> None:
-    assert {p.name for p in MODULES} >= {"__init__.py", "address.py", "decision.py", "mail.py", "rcpt.py", "tokens.py"}
+    assert {p.name for p in MODULES} >= {"__init__.py", "decision.py", "mail.py", "rcpt.py", "session.py"}
+
+
+ADDRESS_MODULES = sorted((PACKAGE_DIR / "address").glob("*.py"))
+STORE_MODULES = sorted((PACKAGE_DIR / "store").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", ADDRESS_MODULES, ids=[p.name for p in ADDRESS_MODULES])
+def test_the_address_package_is_neutral(path: Path) -> None:
+    # Shared by the policy core and the stores, it imports neither (stdlib and ipaddr only).
+    for name in imported_modules(path):
+        top = name.split(".")[0]
+        if top == "relaymilter":
+            assert name == "relaymilter" or name.startswith(("relaymilter.address", "relaymilter.ipaddr")), \
+                "%s imports %s" % (path.name, name)
+        else:
+            assert top in sys.stdlib_module_names, "%s imports non-stdlib %s" % (path.name, name)
+
+
+@pytest.mark.parametrize("path", STORE_MODULES, ids=[p.name for p in STORE_MODULES])
+def test_the_store_never_imports_the_policy_core(path: Path) -> None:
+    for name in imported_modules(path):
+        assert not name.startswith(("relaymilter.policy", "relaymilter.adapter")), "%s imports %s" % (path.name, name)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.name for p in MODULES])

@@ -8,7 +8,8 @@ from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
 from milterpath import MapSources, mail, policy, session
 
-from relaymilter.policy import Continue, Reject, TempFail, normalize_entry, sender_keys
+from relaymilter.address.keys import normalize_entry, sender_keys
+from relaymilter.policy import Continue, Reject, TempFail
 
 LISTED = Reject(replies.ACCESS_DENIED, "spammers")
 OK = Continue("sender_ok")

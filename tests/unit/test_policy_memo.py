@@ -8,7 +8,8 @@ import time
 import pytest
 from milterpath import NOW, MapSources, policy, session
 
-from relaymilter.policy.mail import SenderKeys, mail_plan, sender_keys
+from relaymilter.address.keys import sender_keys
+from relaymilter.policy.mail import SenderKeys, mail_plan
 from relaymilter.policy.rcpt import Place, destination
 from relaymilter.policy.session import Session, Standing
 from relaymilter.store.relayers import BDBRelayStore

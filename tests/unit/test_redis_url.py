@@ -111,3 +111,17 @@ def test_config_accepts_farm_urls(tmp_path):
     cfg.write_text("add_host_names: false\nrelayers: {url: '%s', window: 30}\n" % url)
     config = load_config(str(cfg))
     assert config.relayers.location == url and config.relayers.window == 30
+
+
+@pytest.mark.parametrize("text, url", [
+    ("redis://127.0.0.1:6379/0", True), ("rediss://h/1", True), ("unix:///run/redis.sock", True),
+    ("redis+sentinel://h:26379/mymaster", True), ("/var/lib/relayers.db", False), ("~/etc/relayers.db", False),
+    ("redis:/no-slashes", False), ("http://h/", False), ("relayers.db", False), ("", False),
+])
+def test_one_check_tells_a_store_url_from_a_path(text, url):
+    from relaymilter.store import is_store_url
+    from relaymilter.store.relayers import BDBRelayStore, open_relay_store
+
+    assert is_store_url(text) is url
+    if not url and text.startswith("/"):
+        assert isinstance(open_relay_store(text), BDBRelayStore)

@@ -9,7 +9,7 @@ from milterpath import mail
 
 from relaymilter.errors import ConfigError
 from relaymilter.policy.decision import Continue, Reject
-from relaymilter.policy.mail import normalize_entry, sender_keys
+from relaymilter.address.keys import normalize_entry, sender_keys
 from relaymilter.store.spammers import (
     SpammersMap,
     SpammersSourceError,

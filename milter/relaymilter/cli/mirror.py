@@ -51,6 +51,7 @@ from relaymilter import __version__
 from relaymilter.cli.common import stderr_logging
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
+from relaymilter.store import is_store_url
 from relaymilter.store.redis import RedisRelayStore
 from relaymilter.store.relayers import BDBRelayStore, open_relay_store
 
@@ -241,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not opts.interval > 0:
         err.write("%s: error: --interval must be a positive number of seconds\n" % PROG)
         return 2
-    if not opts.source.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+    if not is_store_url(opts.source):
         err.write("%s: error: --from must be a redis://, rediss://, unix:// or redis+sentinel:// URL\n" % PROG)
         return 2
     stderr_logging(PROG, opts.debug)

@@ -2,12 +2,12 @@
     relaymilter.policy - the pure decision core
 
 DESCRIPTION
-    Address resolution (address), where a recipient goes and who the client
-    is (rcpt), the spammers keys of a sender (mail), and the one decision
-    path that puts them together for a connection (session).  Decisions are
-    values (decision); the maps are asked
-    through lookup callables handed in, so nothing here opens a file, a
-    socket or a database, and everything is tested without them.
+    Where a recipient goes and who the client is (rcpt), the sender check's
+    plan (mail), and the one decision path that puts them together for a
+    connection (session), on addresses resolved by the neutral
+    relaymilter.address package.  Decisions are values (decision); the maps
+    are asked through the Sources a session is handed, so nothing here opens
+    a file, a socket or a database, and everything is tested without them.
 
     Stdlib only, and never Milter, berkeleydb, yaml, relaymilter.store or
     relaymilter.adapter: tests/unit/test_policy_imports.py guards that.
@@ -15,21 +15,12 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from relaymilter.policy.address import (
-    BadAddress,
-    Resolved,
-    is_null,
-    normalize_domain,
-    parent_domains,
-    resolve,
-)
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.mail import SenderKeys, mail_plan, normalize_entry, sender_keys
+from relaymilter.policy.mail import SenderKeys, mail_plan
 from relaymilter.policy.rcpt import Client, Destination, Place, RcptPolicy, destination
 from relaymilter.policy.session import RcptVerdict, Session, Sources, Standing
 
 __all__ = [
-    "BadAddress",
     "Client",
     "Continue",
     "Decision",
@@ -38,18 +29,11 @@ __all__ = [
     "RcptPolicy",
     "RcptVerdict",
     "Reject",
-    "Resolved",
     "SenderKeys",
     "Session",
     "Sources",
     "Standing",
     "TempFail",
     "destination",
-    "is_null",
     "mail_plan",
-    "normalize_domain",
-    "normalize_entry",
-    "parent_domains",
-    "resolve",
-    "sender_keys",
 ]

@@ -22,8 +22,9 @@ DESCRIPTION
     ``<>`` is never refused and costs no lookup (RFC 5321 requires it for
     bounces); an unqualified sender has no host to list and passes.
 
-    normalize_entry() turns a line of the spammers file into the key the
-    lookups will use, through the same code, so the two always agree.
+    The keys come from relaymilter.address.keys, the normaliser the
+    spammers store uses for the file's lines (normalize_entry), so the two
+    always agree.
 
     The lookup is made by relaymilter.policy.session at every MAIL FROM.
 
@@ -31,7 +32,6 @@ DIAGNOSTICS
     An unreadable spammers map -> 451 4.3.0 (SPAMMERS_UNAVAILABLE, answered
     by the session).  A sender that cannot be parsed passes (sender_unparsed): sendmail has
     already refused anything truly malformed before the milter sees it.
-    normalize_entry() raises ValueError with a short reason.
 
 Stdlib only: part of the pure policy core.
 """
@@ -41,48 +41,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from relaymilter import replies
-from relaymilter.ipaddr import parse_ip
-from relaymilter.policy.address import (
-    BadAddress,
-    Resolved,
-    ascii_lower,
-    clean_text,
-    is_null,
-    normalize_domain,
-    parent_domains,
-    resolve,
-)
+from relaymilter.address.keys import address_keys
+from relaymilter.address.resolve import BadAddress, ascii_lower, is_null, resolve
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-
-_HOST_PUNCT = frozenset("-_.")
-
-
-def _host_keys(domain: str) -> list[str]:
-    return [domain, *parent_domains(domain)]
-
-
-def _address_keys(resolved: Resolved) -> list[str]:
-    assert resolved.domain is not None
-    local = ascii_lower(resolved.local_part)
-    keys = ["%s@%s" % (local, resolved.domain)]
-    base = local.split("+", 1)[0]
-    if base and base != local:
-        keys.append("%s@%s" % (base, resolved.domain))
-    return keys + _host_keys(resolved.domain)
-
-
-def sender_keys(sender: str) -> list[str]:
-    """The spammers-map keys to try for *sender*, in order; [] for <>, unqualified or unparseable."""
-    if is_null(sender):
-        return []
-    try:
-        resolved = resolve(sender)
-    except BadAddress:
-        return []
-    if resolved.domain is None:
-        return []
-    return _address_keys(resolved)
-
 
 class SenderKeys(NamedTuple):
     """The spammers-map keys of a sender, in lookup order (ASCII-lowercased)."""
@@ -111,42 +72,4 @@ def mail_plan(sender: str) -> SenderKeys | Decision:
         return SENDER_UNPARSED
     if resolved.domain is None:
         return SENDER_OK
-    return SenderKeys(tuple(ascii_lower(key) for key in _address_keys(resolved)))
-
-
-def _check_host(domain: str) -> str:
-    """Refuse ASCII punctuation a host name cannot hold (non-ASCII IDN labels pass)."""
-    if domain.startswith("["):
-        return domain
-    for ch in domain:
-        if ch.isascii() and not (ch.isalnum() or ch in _HOST_PUNCT):
-            raise ValueError("invalid character %r in host name" % ch)
-    return domain
-
-
-def normalize_entry(text: str) -> str:
-    """Normalise one spammers line (``user@host`` or ``host``) to its map key; ValueError if invalid.
-
-    A bare IP address is taken as the literal ``[ip]``, the only form a
-    sender's domain can take.
-    """
-    raw = clean_text(text.strip() if isinstance(text, str) else text)
-    if not raw:
-        raise ValueError("empty entry")
-    if raw.startswith("."):
-        raise ValueError("leading dot: write the domain alone, its subdomains match too")
-    if "*" in raw:
-        raise ValueError("no wildcards: a domain entry already matches its subdomains")
-    if not any(ch in raw for ch in '@%!"<>\\'):
-        if not raw.startswith("["):
-            try:
-                parse_ip(raw)
-            except ValueError:
-                return _check_host(normalize_domain(raw))
-            raw = "[%s]" % raw
-        return normalize_domain(raw)
-    resolved = resolve(raw)
-    if resolved.domain is None:
-        raise ValueError("not user@host or host")
-    _check_host(resolved.domain)
-    return _address_keys(resolved)[0]
+    return SenderKeys(tuple(ascii_lower(key) for key in address_keys(resolved)))

@@ -39,7 +39,7 @@ from typing import Union
 
 from relaymilter import replies
 from relaymilter.ipaddr import normalize_ip, parse_ip
-from relaymilter.policy.address import BadAddress, Resolved, parent_domains, resolve
+from relaymilter.address.resolve import BadAddress, Resolved, parent_domains, resolve
 from relaymilter.policy.decision import Decision, Reject
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

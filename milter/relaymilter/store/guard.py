@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Protocol
 
 from relaymilter.ipaddr import normalize_ip
+from relaymilter.store import is_store_url
 from relaymilter.store.bdb import MapReader, read_items, write_map
 from relaymilter.store.counters import Charge, CounterFile, Usage
 
@@ -260,7 +261,7 @@ def open_guard_store(relayers_location: str, create: bool = True, relay: Optiona
     *relay*: the open relayers store of that URL, whose connections a Redis
     guard store then shares.
     """
-    if relayers_location.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+    if is_store_url(relayers_location):
         from relaymilter.store.guardredis import RedisGuardStore  # optional dependency
         from relaymilter.store.redis import RedisRelayStore
 

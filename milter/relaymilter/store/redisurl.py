@@ -43,7 +43,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import redis
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+from relaymilter.store import URL_SCHEMES
+
 DEFAULT_PREFIX = "relaymilter:relay:"
 DEFAULT_TIMEOUT = 0.25       # seconds, per socket operation
 SENTINEL_PORT = 26379
@@ -112,7 +113,7 @@ def _parse_hosts(text: str) -> tuple[tuple[str, int], ...]:
 def parse_store_url(url: str) -> RedisSpec:
     """Parse a redis://, rediss://, unix:// or redis+sentinel:// store URL; ValueError if malformed."""
     parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
+    if parts.scheme not in URL_SCHEMES:
         raise ValueError("want a redis://, rediss://, unix:// or redis+sentinel:// URL, got %r" % mask_url(url))
     if parts.fragment:
         raise ValueError("a Redis URL has no #fragment")

@@ -24,6 +24,7 @@ import os
 from typing import Iterable, Mapping, Optional, Protocol
 
 from relaymilter.ipaddr import normalize_ip, sort_key
+from relaymilter.store import is_store_url
 from relaymilter.store.bdb import MapReader, read_items, write_map
 
 DEFAULT_PATH = "~/etc/relayers.db"
@@ -154,7 +155,7 @@ def _ordered(pairs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
 def open_relay_store(spec: Optional[str] = None) -> RelayStore:
     """The relayers store named by *spec*: a redis:// URL, or a path (default ~/etc/relayers.db)."""
     spec = spec or DEFAULT_PATH
-    if spec.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+    if is_store_url(spec):
         from relaymilter.store.redis import RedisRelayStore  # optional dependency
 
         return RedisRelayStore(spec)

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 from relaymilter.errors import StoreUnavailable
-from relaymilter.policy.address import ascii_lower
+from relaymilter.address.resolve import ascii_lower
 from relaymilter.store.bdb import CREATE_MODE, RACY_NS, advance_mtime, db, flock_wait  # db: berkeleydb or bsddb3
 from relaymilter.store.spammerslist import (  # noqa: F401 - re-exported: the parser's public names
     SpammersSourceError,

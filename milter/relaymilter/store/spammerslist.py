@@ -6,7 +6,7 @@ DESCRIPTION
     or after whitespace, starts a comment (a `#` inside a word is part of it:
     it is a legal local-part character). Blank lines and surrounding
     whitespace are ignored, duplicates collapse into one entry. Every entry
-    goes through relaymilter.policy.mail.normalize_entry, the normaliser the
+    goes through relaymilter.address.keys.normalize_entry, the normaliser the
     sender check uses to build its lookup keys, so the file and the lookups
     cannot disagree (case, quoting, trailing dots).
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 from relaymilter.errors import ConfigError
 from relaymilter.ipaddr import shorten
-from relaymilter.policy.mail import normalize_entry
+from relaymilter.address.keys import normalize_entry
 
 # C0 controls other than the whitespace ones str.isspace() already treats as separators.
 CONTROL_RE = re.compile(r"[\x01-\x08\x0e-\x1f\x7f]")

@@ -1,5 +1,5 @@
 """NAME
-    relaymilter.policy.address - resolve an envelope address as sendmail does
+    relaymilter.address.resolve - resolve an envelope address as sendmail does
 
 DESCRIPTION
     Every relay trick hides a remote destination inside an address that
@@ -31,7 +31,7 @@ DIAGNOSTICS
     address"), control characters, invalid UTF-8, overlong input, broken
     quoting.  No other exception escapes resolve() for any str input.
 
-Stdlib only: part of the pure policy core.
+Stdlib only: shared by the policy core and the stores (relaymilter.address).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relaymilter.ipaddr import parse_ip
-from relaymilter.policy.tokens import (
+from relaymilter.address.tokens import (
     BLANKS,
     DELIMITERS,
     GAP,

@@ -1,5 +1,5 @@
 """NAME
-    relaymilter.policy.tokens - split an envelope address into tokens
+    relaymilter.address.tokens - split an envelope address into tokens
 
 DESCRIPTION
     The lexical half of address resolution, after sendmail's prescan: a
@@ -14,7 +14,7 @@ DIAGNOSTICS
     invalid UTF-8 (lone surrogates), input over MAX_ADDRESS_BYTES,
     unbalanced quotes, parentheses or brackets.
 
-Stdlib only: part of the pure policy core.
+Stdlib only: shared by the policy core and the stores (relaymilter.address).
 """
 
 from __future__ import annotations
