@@ -1,0 +1,137 @@
+"""Relaying counters shared by several milter processes: exactly N counted, the limit exact.
+
+Two relaymilter processes on one host (the same relayers.db, so the same
+relayers-counters file: what worker processes share), and two relaymilter
+processes on one real redis-server (a farm's SMTP hosts). N sessions of one
+identity are spread over both, 8 at a time from threads; afterwards the
+counter holds exactly N x recipients, and with a limit below that exactly
+the limit is admitted and the rest get 451 4.7.1. Redis killed mid-run: the
+limits are not applied (logged, counted) while relay permission still fails
+closed (451 4.3.0 for a relay attempt that needs the map).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from relaymilter.harness import MilterSession
+from relaymilter.store.guard import HostGuardStore, open_guard_store
+from relaymilter.store.relayers import open_relay_store
+
+from milterproc import MilterProcess
+from redisproc import RedisServer
+
+pytestmark = pytest.mark.integration
+
+CLIENT = "192.0.2.44"
+SESSIONS = 60
+PER_SESSION = 3
+LIMIT_TEXT = "451 4.7.1 Relaying limit exceeded, try again later"
+
+
+def session(m: MilterProcess, auth: Optional[str], n: int) -> list[str]:
+    with MilterSession(m.socket, timeout=20) as s:
+        s.connect(client_ip=CLIENT)
+        s.helo("client.example")
+        assert s.mail("<someone@example.net>", auth=auth).action == "continue"
+        return [str(s.rcpt("<r%d-%d@remote.example>" % (n, i))) for i in range(PER_SESSION)]
+
+
+def spread(milters: list[MilterProcess], auth: Optional[str]) -> list[str]:
+    with ThreadPoolExecutor(8) as pool:
+        answers = pool.map(lambda n: session(milters[n % len(milters)], auth, n), range(SESSIONS))
+        return [a for per in answers for a in per]
+
+
+def counted(store, identity: str, family: str) -> int:
+    return sum(u.count for u in store.usage(time.time()) if u.identity == identity and u.family == family)
+
+
+def start(tmp: Path, names: tuple[str, ...], settings: dict) -> list[MilterProcess]:
+    milters = []
+    for name in names:
+        milters.append(MilterProcess(tmp / name, settings).start())
+    return milters
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path / "redis").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_two_processes_on_one_host_count_together(tmp_path: Path) -> None:
+    db = tmp_path / "relayers.db"
+    open_relay_store(str(db)).add({CLIENT: int(time.time())})
+    HostGuardStore(str(db)).record_users({CLIENT: "alice"}, 3600)
+    milters = start(tmp_path, ("w1", "w2"), {"relayers": {"path": str(db)},
+                                             "limits": {"recipients_per_hour": 100000}})
+    try:
+        answers = spread(milters, None)
+        assert answers == ["continue"] * SESSIONS * PER_SESSION
+        store = HostGuardStore(str(db))
+        assert counted(store, "alice", "recipients") == SESSIONS * PER_SESSION
+        assert counted(store, "alice", "messages") == SESSIONS
+        for m in milters:
+            m.wait_for_log(" user=alice rule=relayers_db")
+    finally:
+        for m in milters:
+            m.stop()
+
+
+def test_two_processes_on_one_host_enforce_the_limit_exactly(tmp_path: Path) -> None:
+    db = tmp_path / "relayers.db"
+    limit = 100
+    milters = start(tmp_path, ("w1", "w2"), {"relayers": {"path": str(db)},
+                                             "limits": {"recipients_per_hour": limit}})
+    try:
+        answers = spread(milters, "bob")
+        assert answers.count("continue") == limit
+        assert answers.count(LIMIT_TEXT) == SESSIONS * PER_SESSION - limit
+        assert counted(HostGuardStore(str(db)), "bob", "recipients") == limit
+    finally:
+        for m in milters:
+            m.stop()
+
+
+def test_two_milters_on_one_redis_count_together_and_enforce_exactly(tmp_path: Path,
+                                                                     redis_server: RedisServer) -> None:
+    url = redis_server.url()
+    open_relay_store(url).add({CLIENT: int(time.time())})
+    guard = open_guard_store(url)
+    guard.record_users({CLIENT: "carol"}, 3600)
+    milters = start(tmp_path, ("smtp1", "smtp2"), {"relayers": {"url": url},
+                                                   "limits": {"recipients_per_hour": 100000}})
+    try:
+        assert spread(milters, None) == ["continue"] * SESSIONS * PER_SESSION
+        assert counted(guard, "carol", "recipients") == SESSIONS * PER_SESSION
+        assert counted(guard, "carol", "messages") == SESSIONS
+        for m in milters:
+            m.write_config({"relayers": {"url": url}, "limits": {"recipients_per_hour": 100}})
+            m.hup()
+            m.wait_for_log("reloaded ")
+        time.sleep(0.5)
+        answers = spread(milters, "dave")
+        assert answers.count("continue") == 100
+        assert answers.count(LIMIT_TEXT) == SESSIONS * PER_SESSION - 100
+        assert counted(guard, "dave", "recipients") == 100
+
+        # Redis gone: limits not applied (logged), relaying of an AUTH user goes on; the
+        # relayers lookup a listed client needs fails closed.
+        redis_server.stop()
+        assert session(milters[0], "erin", 0) == ["continue"] * PER_SESSION
+        milters[0].wait_for_log("limits=unavailable")
+        assert "relaying limits not applied: counters unavailable" in milters[0].log()
+        assert session(milters[1], None, 1)[0].startswith("451 4.3.0")
+    finally:
+        guard.close()
+        for m in milters:
+            m.stop()
