@@ -58,7 +58,7 @@ from relaymilter.policy.decision import Decision, TempFail
 
 log = logging.getLogger("relaymilter.limits")
 
-BREAKER = 5.0               # seconds the counters are left alone after they failed
+BREAKER = 1.0               # seconds the counters are left alone after they failed
 RULES = {"recipients": "recipients_per_hour", "messages": "messages_per_hour", "addresses": "addresses_per_hour"}
 OVER = {family: TempFail(replies.RELAY_LIMIT_EXCEEDED, rule) for family, rule in RULES.items()}
 SUSPENDED = TempFail(replies.RELAY_SUSPENDED, "suspended")

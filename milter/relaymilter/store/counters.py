@@ -57,7 +57,7 @@ KEY_MAX = 128
 PROBES = 64
 MINUTES = 60
 ADDRESSES = 30              # most distinct addresses a user can be counted with (addresses_per_hour < this)
-LOCK_WAIT = 0.05            # seconds: a decision never waits longer than this for the counters
+LOCK_WAIT = 0.25            # seconds: a decision never waits longer than this for the counters
 FAMILIES = {"recipients": 1, "messages": 2, "addresses": 3}
 _NAMES = {v: k for k, v in FAMILIES.items()}
 
