@@ -313,8 +313,9 @@ def load_config(path: Optional[str] = None) -> Config:
     local = set(_domains(top, "local_domains", trusted_extra))
     if trusted_extra:
         raise top.err("local_domains", "holds an address prefix; client networks go in trusted_networks")
-    if top.str("local_domains_file", None, nullable=True):
-        names, nets = read_domains_file(top.str("local_domains_file"), where(source, top.node_of("local_domains_file")))
+    local_file = top.str("local_domains_file", None, nullable=True)
+    if local_file:
+        names, nets = read_domains_file(local_file, where(source, top.node_of("local_domains_file")))
         if nets:
             raise top.err("local_domains_file", "holds an address prefix; client networks go in trusted_networks")
         local.update(names)
@@ -322,8 +323,9 @@ def load_config(path: Optional[str] = None) -> Config:
         local.update(host_names())
 
     relay = set(_domains(top, "relay_domains", trusted_extra))
-    if top.str("relay_domains_file", None, nullable=True):
-        names, nets = read_domains_file(top.str("relay_domains_file"), where(source, top.node_of("relay_domains_file")))
+    relay_file = top.str("relay_domains_file", None, nullable=True)
+    if relay_file:
+        names, nets = read_domains_file(relay_file, where(source, top.node_of("relay_domains_file")))
         relay.update(names)
         trusted_extra.extend(nets)
 

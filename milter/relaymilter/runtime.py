@@ -22,12 +22,13 @@ import logging
 import os
 import threading
 from collections.abc import Set as AbstractSet
-from typing import Optional, TypeVar
+from typing import Optional, TypeVar, cast
 
 from relaymilter.config import Config
 from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.policy.decision import Decision
 from relaymilter.policy.limits import Guard
+from relaymilter.policy.limits import Store as GuardStoreView  # the part of the guard store the policy uses
 from relaymilter.policy.mail import SenderKeys, mail_plan
 from relaymilter.policy.modes import Modes
 from relaymilter.policy.rcpt import Client, Destination, RcptPolicy, destination
@@ -78,9 +79,10 @@ class Runtime:
         self.sender_memo: dict[str, SenderKeys | Decision] = {}
         self.client_memo: dict[str, Client] = {}
         # Who is relaying and how much (policy.limits): the files beside relayers.db, or its Redis.
-        guard_store = (previous.guard.store if previous is not None and previous.relayers is self.relayers
-                       else open_guard_store(location, relay=self.relayers))
-        self.guard = Guard(config.limits, guard_store, Ask)
+        guard_store: Optional[GuardStoreView] = (
+            previous.guard.store if previous is not None and previous.relayers is self.relayers
+            else cast(GuardStoreView, open_guard_store(location, relay=self.relayers)))
+        self.guard: Guard = Guard(config.limits, guard_store, Ask)
         # The modes of the newest configuration, shared by every Runtime of the chain: a
         # connection reads them at each MAIL (policy.modes: a reload applies from the next transaction).
         self._modes: list[Modes] = previous._modes if previous is not None else [config.modes]

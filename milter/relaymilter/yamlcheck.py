@@ -15,22 +15,24 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+import builtins
+from typing import Any, Callable, Iterable, Optional, overload
 
 import yaml
 
 from relaymilter.errors import ConfigError
 
 Node = yaml.Node
+NodeType = Any     # yaml.Node: PyYAML ships no type information
 
 
-def where(source: str, node: Optional[Node]) -> str:
+def where(source: str, node: Optional[NodeType]) -> str:
     if node is None:
         return source
     return "%s:%d" % (source, node.start_mark.line + 1)
 
 
-def compose_file(path: str) -> Optional[Node]:
+def compose_file(path: str) -> Optional[NodeType]:
     """The YAML node tree of *path*; ConfigError naming file and line on any problem."""
     try:
         with open(path, "rb") as fh:
@@ -40,7 +42,7 @@ def compose_file(path: str) -> Optional[Node]:
     return compose_text(data, path)
 
 
-def compose_text(data: bytes | str, source: str) -> Optional[Node]:
+def compose_text(data: bytes | str, source: str) -> Optional[NodeType]:
     try:
         return yaml.compose(data, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -56,10 +58,10 @@ def compose_text(data: bytes | str, source: str) -> Optional[Node]:
 class Mapping:
     """A YAML mapping node whose keys are checked against what the schema allows."""
 
-    def __init__(self, source: str, node: Optional[Node], what: str = "section") -> None:
+    def __init__(self, source: str, node: Optional[NodeType], what: str = "section") -> None:
         self.source = source
         self.node = node
-        self.items: dict[str, tuple[Node, Node]] = {}
+        self.items: dict[str, tuple[NodeType, NodeType]] = {}
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
             return
         if not isinstance(node, yaml.MappingNode):
@@ -79,7 +81,7 @@ class Mapping:
                     "%s: unknown %s %r (known: %s)" % (where(self.source, knode), what, key, ", ".join(sorted(allowed)))
                 )
 
-    def node_of(self, key: str) -> Optional[Node]:
+    def node_of(self, key: str) -> Optional[NodeType]:
         pair = self.items.get(key)
         return pair[1] if pair else None
 
@@ -96,7 +98,14 @@ class Mapping:
             return default
         return construct(self.source, node)
 
-    def str(self, key: str, default: Optional[str] = None, nullable: bool = False) -> Optional[str]:
+    @overload
+    def str(self, key: builtins.str, default: builtins.str, nullable: bool = False) -> builtins.str: ...
+
+    @overload
+    def str(self, key: builtins.str, default: None = None, nullable: bool = False) -> Optional[builtins.str]: ...
+
+    def str(self, key: builtins.str, default: Optional[builtins.str] = None,
+            nullable: bool = False) -> Optional[builtins.str]:
         v = self.value(key, default)
         if v is None and (nullable or default is None):
             return None
@@ -104,13 +113,29 @@ class Mapping:
             raise self.err(key, "must be a non-empty string")
         return v
 
-    def bool(self, key: str, default: bool) -> bool:
+    def required_str(self, key: builtins.str) -> builtins.str:
+        """A non-empty string that must be there."""
+        v = self.str(key)
+        if v is None:
+            raise self.err(key, "is required")
+        return v
+
+    def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         v = self.value(key, default)
         if not isinstance(v, bool):
             raise self.err(key, "must be true or false")
         return v
 
-    def int(self, key: str, default: Optional[int], minimum: int = 0, nullable: bool = False) -> Optional[int]:
+    @overload
+    def int(self, key: builtins.str, default: builtins.int, minimum: builtins.int = 0,
+            nullable: builtins.bool = False) -> builtins.int: ...
+
+    @overload
+    def int(self, key: builtins.str, default: None, minimum: builtins.int = 0,
+            nullable: builtins.bool = False) -> Optional[builtins.int]: ...
+
+    def int(self, key: builtins.str, default: Optional[builtins.int], minimum: builtins.int = 0,
+            nullable: builtins.bool = False) -> Optional[builtins.int]:
         v = self.value(key, default)
         if v is None and nullable:
             return None
@@ -118,7 +143,8 @@ class Mapping:
             raise self.err(key, "must be a whole number >= %d%s" % (minimum, " or null" if nullable else ""))
         return v
 
-    def str_list(self, key: str, default: Iterable[str] = (), check: Optional[Callable[[str], Any]] = None) -> list[Any]:
+    def str_list(self, key: builtins.str, default: Iterable[builtins.str] = (),
+                 check: Optional[Callable[[builtins.str], Any]] = None) -> list[Any]:
         """A list of strings (a single string is accepted as a one-item list)."""
         node = self.node_of(key)
         if node is None:
@@ -147,11 +173,11 @@ class Mapping:
             out.append(v)
         return out
 
-    def sub(self, key: str) -> "Mapping":
+    def sub(self, key: builtins.str) -> "Mapping":
         return Mapping(self.source, self.node_of(key), "%r" % key)
 
 
-def construct(source: str, node: Node) -> Any:
+def construct(source: str, node: NodeType) -> Any:
     try:
         return yaml.SafeLoader("").construct_object(node, deep=True)
     except yaml.YAMLError as exc:

@@ -156,10 +156,10 @@ def _pattern(source: str, node: yaml.Node) -> Pattern:
     for key in ("name", "server"):
         if not m.has(key):
             raise ConfigError("%s: pattern needs %r" % (where(source, node), key))
-    name = m.str("name")
+    name = m.required_str("name")
     if not NAME_RE.match(name):
         raise m.err("name", "want a short lowercase word like 'dovecot' or 'uw-imap', got %r" % name)
-    server = m.str("server")
+    server = m.required_str("server")
     rules: list[Rule] = []
     if m.has("regex"):
         rules.append(_rule(name, "login", m, "regex", m.value("prefilter")))

@@ -39,7 +39,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.policy.limits import Limits
@@ -131,8 +131,8 @@ class Watcher:
         except (BlockingIOError, OSError):
             pass
 
-    def _install_signals(self) -> dict:
-        old = {}
+    def _install_signals(self) -> dict[signal.Signals | str, Any]:
+        old: dict[signal.Signals | str, Any] = {}
         for sig, handler in ((signal.SIGTERM, lambda *_: self._stop.set()),
                              (signal.SIGINT, lambda *_: self._stop.set()),
                              (signal.SIGHUP, lambda *_: setattr(self, "_hup", True))):
@@ -141,9 +141,10 @@ class Watcher:
         return old
 
     @staticmethod
-    def _restore_signals(old: dict) -> None:
+    def _restore_signals(old: dict[signal.Signals | str, Any]) -> None:
         signal.set_wakeup_fd(old.pop("wakeup"))
         for sig, handler in old.items():
+            assert isinstance(sig, signal.Signals)
             signal.signal(sig, handler)
 
     # -- the loop -------------------------------------------------------------
