@@ -192,13 +192,16 @@ class Connection:
         reply = decision.reply
         verb = verb or ("reject" if type(decision) is Reject else "tempfail")
         sender = printable(self.session.sender, LOG_TEXT_MAX)
+        rule = decision.rule
+        if type(decision) is TempFail and decision.cause:      # why a map was unavailable
+            rule = '%s cause="%s"' % (rule, printable(decision.cause, LOG_TEXT_MAX).replace('"', "'"))
         if rcpt is None:
             self.note(_REFUSE_MAIL % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
-                                      sender, reply.text, sender, extra, decision.rule))
+                                      sender, reply.text, sender, extra, rule))
         else:
             shown = printable(rcpt, LOG_TEXT_MAX)
             self.note(_REFUSE_RCPT % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
-                                      shown, reply.text, sender, shown, extra, decision.rule))
+                                      shown, reply.text, sender, shown, extra, rule))
 
     def _internal_error(self, stage: str) -> int:
         """The fail-closed answer: log the traceback, 451 4.3.0, TEMPFAIL."""

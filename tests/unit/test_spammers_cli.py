@@ -124,7 +124,7 @@ def test_target_is_a_directory(capsys, files, tmp_path):
     (tmp_path / "adir").mkdir()
     code, out, err = run(capsys, "-f", str(src), "-o", str(tmp_path / "adir"))
     assert (code, out) == (1, "")
-    assert err == "vnewspammers: error: %s: is not a regular file\n" % (tmp_path / "adir")
+    assert err == "vnewspammers: error: %s: is a directory\n" % (tmp_path / "adir")
 
 
 def test_parent_is_a_file_not_a_directory(capsys, files, tmp_path):

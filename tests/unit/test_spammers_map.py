@@ -67,11 +67,11 @@ def test_missing_file_is_an_empty_list_logged_once(smap, path, caplog):
     assert len(infos(caplog, "does not exist")) == 2
 
 
-def test_zero_length_file_is_an_empty_list(smap, path, caplog):
+def test_zero_length_file_is_unavailable_not_an_empty_list(smap, path, caplog):
     open(path, "wb").close()
-    assert not smap.contains("spam.example")
-    assert len(smap) == 0
-    assert errors(caplog) == []
+    with pytest.raises(StoreUnavailable, match=r"is empty \(0 bytes\): not a hash database"):
+        smap.contains("spam.example")
+    assert len(errors(caplog)) == 1
 
 
 # contains() is the general entry; members() has the milter's inlined fast path: both must see every change.
@@ -193,7 +193,7 @@ def test_corrupt_with_no_good_list_yet_raises_and_tempfails(smap, path, caplog):
     for _ in range(5):
         with pytest.raises(StoreUnavailable) as info:
             smap.contains("spam.example")
-        assert str(info.value).startswith(path + ": cannot read as a hash database")
+        assert str(info.value).startswith(path + ": is truncated (20 bytes): not a hash database")
     assert mail("<x@spam.example>", listed=smap.members) == TempFail(
         replies.SENDER_CHECK_UNAVAILABLE, "spammers_unavailable")
     assert mail("<>", listed=smap.members).rule == "null_sender"

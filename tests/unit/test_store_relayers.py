@@ -14,6 +14,7 @@ from berkeleydb import db as bdb
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store import bdb as storebdb
+from relaymilter.store import mapreader
 from relaymilter.store.relayers import BDBRelayStore, open_relay_store, parse_ticks
 
 
@@ -77,11 +78,13 @@ def test_missing_file_is_empty_map(tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
-def test_zero_length_file_reads_as_empty(tmp_path):
+def test_zero_length_file_is_unavailable_until_written(tmp_path):
+    """0 bytes is not an empty map (that would turn POP users' 451 into a 550); a writer may start it afresh."""
     path = tmp_path / "z.db"
     path.write_bytes(b"")
     store = BDBRelayStore(str(path))
-    assert store.lookup("192.0.2.1") is None
+    with pytest.raises(StoreUnavailable, match=r"z.db: is empty \(0 bytes\): not a hash database"):
+        store.lookup("192.0.2.1")
     store.add({"192.0.2.1": 3})
     assert store.lookup("192.0.2.1") == 3
 
@@ -91,7 +94,7 @@ def test_corrupt_file_raises_store_unavailable(tmp_path, content):
     path = tmp_path / "c.db"
     path.write_bytes(content)
     store = BDBRelayStore(str(path))
-    with pytest.raises(StoreUnavailable, match="c.db: cannot"):
+    with pytest.raises(StoreUnavailable, match="c.db: is not a hash database"):
         store.lookup("192.0.2.1")
     with pytest.raises(StoreUnavailable):
         store.add({"192.0.2.1": 1})
@@ -261,8 +264,8 @@ def test_answers_are_cached_per_spelling_and_file_version(tmp_path, monkeypatch)
     os.utime(path, ns=(past, past))          # a settled file: its answers may be cached
     reader = BDBRelayStore(str(path))
     reads = []
-    real = storebdb.get_both_styles
-    monkeypatch.setattr(storebdb, "get_both_styles", lambda handle, key: reads.append(key) or real(handle, key))
+    real = mapreader.get_both_styles
+    monkeypatch.setattr(mapreader, "get_both_styles", lambda handle, key: reads.append(key) or real(handle, key))
     spellings = ("10.0.0.1", "::ffff:10.0.0.1", "::FFFF:10.0.0.1", "10.0.0.2")
     assert [reader.lookup(s) for s in spellings] == [5, 5, 5, None]
     assert reads == [b"10.0.0.1"] * 3 + [b"10.0.0.2"]

@@ -175,7 +175,7 @@ def test_corrupt_file_refused_and_untouched(capsys, db, content):
     for argv in (["add", "192.0.2.1"], ["delete", "192.0.2.1"], ["expire"], ["dump"], ["list", "5"]):
         code, out, err = run(capsys, "-f", db, *argv)
         assert code == 1, argv
-        assert err.startswith("vsmtprelay: error: %s: cannot " % db) and err.count("\n") == 1
+        assert err == "vsmtprelay: error: %s: is not a hash database\n" % db
         assert open(db, "rb").read() == content
 
 

@@ -10,7 +10,7 @@ DESCRIPTION
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from relaymilter.replies import Reply
@@ -37,6 +37,7 @@ class TempFail:
 
     reply: Reply
     rule: str
+    cause: str = field(default="", compare=False)   # why, for the log line (a store's error)
 
 
 Decision = Union[Continue, Reject, TempFail]

@@ -139,7 +139,7 @@ class Session:
     """One SMTP connection's decisions, in the order the MTA asks for them."""
 
     __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing", "guard", "modes", "txn", "warned",
-                 "note")
+                 "note", "_cause")
 
     def __init__(self, sources: Sources, clock: Callable[[], float] = time.time) -> None:
         self.sources = sources
@@ -153,6 +153,7 @@ class Session:
         self.txn = Txn()
         self.warned: Optional[Decision] = None   # the refusal the last verdict did not make (warn mode)
         self.note = ""                      # what the last verdict's log line adds (user=...)
+        self._cause = ""                    # why relayers.db was unavailable, for the log line
 
     def connect(self, client: Client) -> None:
         """A new SMTP session from *client* (RcptPolicy.client / local_client, or UNKNOWN_CLIENT)."""
@@ -175,8 +176,8 @@ class Session:
             return self._warn(plan)
         try:
             listed = self.sources.spammers_listed()
-        except StoreUnavailable:
-            return SPAMMERS_UNAVAILABLE
+        except StoreUnavailable as exc:
+            return TempFail(SPAMMERS_UNAVAILABLE.reply, SPAMMERS_UNAVAILABLE.rule, str(exc))
         if not listed.isdisjoint(plan.keys):
             return self._warn(SPAMMER)
         guard = self.guard
@@ -208,7 +209,7 @@ class Session:
         if granted is not None:
             return RcptVerdict(self._limits(standing, granted), dest)
         if standing is Standing.UNAVAILABLE:
-            return RcptVerdict(RELAYERS_UNAVAILABLE, dest)
+            return RcptVerdict(TempFail(RELAYERS_UNAVAILABLE.reply, RELAYERS_UNAVAILABLE.rule, self._cause), dest)
         return RcptVerdict(self._warn(dest.refusal), dest)
 
     def _limits(self, standing: Standing, granted: Decision) -> Decision:
@@ -239,7 +240,8 @@ class Session:
             return Standing.STRANGER
         try:
             stamp = self.sources.relayers_stamp(client.key)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            self._cause = str(exc)
             return Standing.UNAVAILABLE
         if stamp is None:
             return Standing.STRANGER

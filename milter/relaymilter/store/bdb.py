@@ -26,7 +26,7 @@ DESCRIPTION
     restarts the smtpd when it differs or the file was unlinked). A second
     in-place write within the second of the previous one would leave that
     second unchanged and be missed until some later write. So every writer
-    ends its write, still under LOCK_EX, with advance_mtime(): the file's
+    ends its write, still under LOCK_EX, with fileguard.advance_mtime(): the file's
     mtime second is made greater than the second the file had before the
     write (the clock's own second when that is already greater, else the
     previous second + 1, keeping the clock's sub-second part so that two
@@ -39,29 +39,30 @@ DESCRIPTION
     to the clock once writes slow down; nothing compares it with the clock
     but MapReader, which treats a future mtime as settled.
 
-    MapReader is the long-lived reader the milter uses: one read-only handle,
-    reopened when the file changes. A change is detected with one stat
-    (inode, size, mtime); because file times are taken from a coarse clock,
-    a file modified less than RACY_NS before it was opened is never trusted
-    from cache (the "racy git" rule), so the first lookup after any write sees
-    it. A mutex serialises lookups: flock state belongs to the open file, not
-    the thread, and libmilter's worker pool calls in from many threads.
+    Every write first passes store.fileguard: trusted symlinks only, regular
+    files only, whole hash databases only, and the blocks it may need
+    allocated before the file is touched (a full disk refuses the write and
+    leaves the map as it was); it ends with fsync. The milter's long-lived
+    reader is store.mapreader.MapReader.
 
 DIAGNOSTICS
     StoreUnavailable for a file that exists but cannot be read or written
-    (permissions, not a hash database, checksum errors, a lock not obtained
-    within the wait limit). A missing file reads as an empty map.
+    (permissions, not a hash database, truncated, not a regular file, an
+    untrusted symlink, no space left, a lock not obtained within the wait
+    limit), naming the path and the cause. A missing file reads as an empty
+    map.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
-import threading
+import secrets
 import time
-from typing import Any, Callable, Hashable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 try:
     from berkeleydb import db
@@ -69,18 +70,15 @@ except ModuleNotFoundError:  # Debian 12 packages the same module as bsddb3 (pyt
     from bsddb3 import db  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 from relaymilter.errors import StoreUnavailable
+from relaymilter.store import fileguard
 
 log = logging.getLogger("relaymilter.store")
 
-LOCK_WAIT = 30.0            # seconds a writer or reader waits for a flock
+LOCK_WAIT = 30.0            # seconds a writer waits for a flock
+READ_WAIT = 2.0             # seconds a lookup waits, well inside the MTA's milter timeout (10 s)
 RACY_NS = 100_000_000       # file mtimes closer than this to "now" are not trusted
 CREATE_MODE = 0o644
-CACHE_MAX = 65536           # answers kept per file version by a MapReader
-_MISS = object()
-
-
-def _same(value: Any) -> Any:
-    return value
+RESERVE_SLACK = 8 << 10     # bytes reserved past the end beyond what a write says it adds
 
 
 def _fail(path: str, what: str, exc: BaseException) -> StoreUnavailable:
@@ -90,8 +88,12 @@ def _fail(path: str, what: str, exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable("%s: cannot %s: %s" % (path, what, detail))
 
 
-def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT) -> None:
-    """flock(fd, how) with a bounded wait; StoreUnavailable after *wait* seconds."""
+def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT, budget: Optional[float] = None) -> None:
+    """flock(fd, how) with a bounded wait; StoreUnavailable after *wait* seconds.
+
+    The message names *budget* (the whole allowance, of which *wait* may be
+    what is left) in milliseconds.
+    """
     try:
         fcntl.flock(fd, how | fcntl.LOCK_NB)
         return
@@ -105,33 +107,10 @@ def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise StoreUnavailable("%s: lock not obtained within %gs" % (path, wait)) from None
+                raise StoreUnavailable("%s: lock not obtained in %d ms"
+                                       % (path, round((wait if budget is None else budget) * 1000))) from None
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
-
-
-def advance_mtime(fd: int, before_ns: int) -> None:
-    """Give the file on *fd* an mtime whose whole second is past *before_ns*'s (see header).
-
-    An explicit time needs the file's owner (or root); anyone else who may
-    write the file waits for the clock to pass that second and sets "now".
-    """
-    st = os.fstat(fd)
-    before_s = before_ns // 1_000_000_000
-    if st.st_mtime_ns // 1_000_000_000 > before_s:
-        return
-    frac = st.st_mtime_ns % 1_000_000_000
-    try:
-        os.utime(fd, ns=(st.st_atime_ns, (before_s + 1) * 1_000_000_000 + frac))
-        return
-    except PermissionError:
-        pass
-    time.sleep(max(0.0, (before_s + 1) - time.time()) + 0.001)
-    try:
-        os.utime(fd)
-    except PermissionError as exc:
-        log.warning("fd %d: cannot advance the mtime (%s): whole-second readers such as sendmail"
-                    " and Postfix may miss this change until the next write", fd, exc.strerror)
 
 
 def strip_nul(raw: bytes) -> bytes:
@@ -161,10 +140,11 @@ def get_both_styles(handle: db.DB, key: bytes) -> Optional[bytes]:
 class WriteTxn:
     """A map opened for writing under LOCK_EX; keys go in the file's own NUL style."""
 
-    def __init__(self, handle: db.DB, nul: bool, path: str = "") -> None:
+    def __init__(self, handle: db.DB, nul: bool, path: str = "", fd: int = -1) -> None:
         self.handle = handle
         self.nul = nul
         self.path = path
+        self.fd = fd
         self.changed = False
 
     def _k(self, key: bytes) -> bytes:
@@ -223,206 +203,202 @@ class WriteTxn:
             cur.close()
         if gone:
             self.changed = True
-        if len(gone) > len(keep):
-            self.handle.close()
-            self.handle = db.DB()
-            self.handle.open(self.path, dbtype=db.DB_HASH, flags=db.DB_CREATE | db.DB_TRUNCATE)
-            for key, value in keep:
-                self.handle.put(key, value)
-        else:
-            for key in gone:
-                self.handle.delete(key)
+        if len(gone) > len(keep) and self._compact(keep):
+            return len(gone)
+        for key in gone:
+            self.handle.delete(key)
         return len(gone)
+
+    def _compact(self, keep: list[tuple[bytes, bytes]]) -> bool:
+        """Rewrite the file in place to hold only *keep*; False (nothing changed) when it cannot.
+
+        The survivors are written to a temporary file first; only when that
+        succeeded, and every block of the live file's new extent is
+        allocated, are its bytes copied over the live file (same inode, so
+        readers and flock holders keep their file) and the file cut to size.
+        Overwriting allocated blocks cannot run out of space, so a full disk
+        never leaves the map half written.
+        """
+        directory, base = os.path.split(self.path)
+        tmp = os.path.join(directory, ".%s.%s.tmp" % (base, secrets.token_hex(6)))
+        try:
+            fresh = db.DB()
+            try:
+                fresh.open(tmp, dbtype=db.DB_HASH, flags=db.DB_CREATE | db.DB_EXCL)
+                for key, value in keep:
+                    fresh.put(key, value)
+                fresh.sync()
+            finally:
+                with contextlib.suppress(db.DBError):
+                    fresh.close()
+            with open(tmp, "rb") as fh:
+                data = fh.read()
+            fileguard.reserve(self.fd, self.path, len(data) - os.fstat(self.fd).st_size)
+        except (db.DBError, OSError, StoreUnavailable) as exc:
+            log.info("%s: expiring record by record (%s)", self.path, exc)
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.handle.close()
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:done + (1 << 20)], done)
+        os.ftruncate(self.fd, len(data))
+        self.handle = db.DB()
+        self.handle.open(_by_fd(self.fd, self.path), dbtype=db.DB_HASH)
+        return True
+
+
+def _by_fd(fd: int, path: str) -> str:
+    """A name that opens the very file *fd* is open on (so Berkeley DB cannot be handed another)."""
+    proc = "/proc/self/fd/%d" % fd
+    return proc if os.path.exists(proc) else path
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 @contextlib.contextmanager
-def write_map(path: str, create: bool = True) -> Iterator[WriteTxn]:
-    """Open *path* for a read-modify-write under flock(LOCK_EX); sync before unlocking.
+def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Iterator[WriteTxn]:
+    """Open *path* for a read-modify-write under flock(LOCK_EX); sync and fsync before unlocking.
 
     The file is created (mode 0644 less umask) when missing and *create* is
-    true. A file that is not a hash database is refused and left untouched.
+    true. Symlinks, non-regular files, files that are not (or no longer
+    whole) hash databases are refused and left untouched (see fileguard).
+    *grow* is how many bytes of keys and values the caller may add: room for
+    them is allocated first, so a full disk refuses the write before the
+    file is touched; 0 promises deletes only (which never need new blocks),
+    None means unknown. On success the data is on disk and the file's mtime
+    has moved (advance_mtime); on StoreUnavailable the map is as it was.
     """
+    real = fileguard.resolve(path)
     while True:
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+        existed = os.path.lexists(real)
         try:
-            existed = os.path.exists(path)
-            fd = os.open(path, flags | os.O_CLOEXEC, CREATE_MODE)
+            fd = fileguard.open_regular(real, flags, CREATE_MODE)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreUnavailable("%s: is a symlink: refused" % real) from None
             raise _fail(path, "open for writing", exc) from None
         try:
             flock_wait(fd, fcntl.LOCK_EX, path)
             # Someone may have renamed a new file over the path while we waited:
             # then our lock guards a file nobody reads any more. Start again.
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
+                same = os.path.samestat(os.fstat(fd), os.lstat(real))
             except FileNotFoundError:
                 same = False
             if not same:
                 continue
             before = os.fstat(fd)
-            handle = db.DB()
+            txn = _open_txn(fd, real, path, create, grow, existed, before)
+            done = False
             try:
-                handle.open(path, dbtype=db.DB_HASH, flags=db.DB_CREATE if create else 0)
-            except db.DBError as exc:
-                handle.close()
-                if not existed and os.fstat(fd).st_size == 0:
-                    os.unlink(path)
-                raise _fail(path, "open as a hash database", exc) from None
-            txn = WriteTxn(handle, False, path)
-            try:
-                txn.nul = bool(key_has_nul(handle))
                 yield txn
                 txn.handle.sync()
+                txn.handle.close()
+                done = True
+                fileguard.release(fd)
+                os.fsync(fd)        # Berkeley DB's sync() writes, it does not reach the disk
+                if not existed:
+                    _fsync_dir(real)
             except db.DBError as exc:
                 raise _fail(path, "update", exc) from None
+            except OSError as exc:
+                raise _fail(path, "update", exc) from None
             finally:
-                txn.handle.close()
+                if not done:
+                    with contextlib.suppress(db.DBError):   # keep the first error, not close()'s
+                        txn.handle.close()
+                    _undo_reserve(fd, real, existed, before)
             if txn.changed:
-                advance_mtime(fd, before.st_mtime_ns)
+                fileguard.advance_mtime(fd, before.st_mtime_ns)
             return
         finally:
             os.close(fd)
 
 
-def read_items(path: str) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of the map, read under flock(LOCK_SH); [] when missing."""
+def _open_txn(fd: int, real: str, path: str, create: bool, grow: Optional[int], existed: bool,
+              before: os.stat_result) -> WriteTxn:
+    """The locked file on *fd* opened by Berkeley DB, with room for *grow* more bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fileguard.check_header(fd, path, allow_empty=True)
+        if grow != 0:
+            # A put may split buckets up to a doubling of the table (about the
+            # file's size) and add overflow pages for what it stores.
+            size = os.fstat(fd).st_size
+            fileguard.reserve(fd, path, size + 4 * (grow or 0) + RESERVE_SLACK)
+        handle = db.DB()
+        try:
+            handle.open(_by_fd(fd, real), dbtype=db.DB_HASH, flags=db.DB_CREATE if create else 0)
+        except db.DBError as exc:
+            handle.close()
+            raise _fail(path, "open as a hash database", exc) from None
+        txn = WriteTxn(handle, False, real, fd)
+        try:
+            txn.nul = bool(key_has_nul(handle))
+        except db.DBError as exc:
+            handle.close()
+            raise _fail(path, "read", exc) from None
+        return txn
+    except StoreUnavailable:
+        _undo_reserve(fd, real, existed, before)
+        raise
+
+
+def _undo_reserve(fd: int, real: str, existed: bool, before: os.stat_result) -> None:
+    """After a failed write: give back reserved blocks, put the mtime back, drop a file we created.
+
+    fallocate() moves the mtime to "now", which may be earlier than a time
+    advance_mtime() set: left so, a later write could fail to move it past
+    what sendmail recorded.
+    """
+    fileguard.release(fd)
+    if not existed and os.fstat(fd).st_size == 0:
+        with contextlib.suppress(OSError):
+            os.unlink(real)
+        return
+    with contextlib.suppress(OSError):
+        os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def read_items(path: str) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of the map, read under flock(LOCK_SH); [] when missing.
+
+    A file that exists but is not a whole hash database (0 bytes included)
+    is StoreUnavailable, never an empty map.
+    """
+    try:
+        fd = fileguard.open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise _fail(path, "open", exc) from None
     try:
         flock_wait(fd, fcntl.LOCK_SH, path)
-        if os.fstat(fd).st_size == 0:
-            return []
+        fileguard.check_header(fd, path)
         handle = db.DB()
         try:
-            handle.open(path, dbtype=db.DB_HASH, flags=db.DB_RDONLY)
+            handle.open(_by_fd(fd, path), dbtype=db.DB_HASH, flags=db.DB_RDONLY)
             return list(WriteTxn(handle, False).items())
         except db.DBError as exc:
             raise _fail(path, "read as a hash database", exc) from None
         finally:
-            handle.close()
+            with contextlib.suppress(db.DBError):
+                handle.close()
     finally:
         os.close(fd)
 
 
-class MapReader:
-    """A long-lived, thread-safe reader of one map file; see the module header."""
-
-    def __init__(self, path: str, name: str = "map") -> None:
-        self.path = path
-        self.name = name
-        self._mutex = threading.Lock()
-        self._fd: Optional[int] = None
-        self._ident: Optional[tuple[int, int]] = None     # (st_dev, st_ino) of the file _fd is open on
-        self._handle: Optional[db.DB] = None
-        self._sig: Optional[tuple] = None
-        self._trusted = False
-        self._cache: Optional[tuple[tuple, dict]] = None
-        self._missing_logged = False
-
-    def close(self) -> None:
-        with self._mutex:
-            self._drop()
-
-    def _drop(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._ident = None
-        self._sig = None
-        self._cache = None
-
-    def get(self, key: bytes) -> Optional[bytes]:
-        """The value for *key* (either NUL style), None when absent or the file is missing."""
-        return self.get_as(key, _same, _same)
-
-    def get_as(self, token: Hashable, key_of: Callable[[Any], bytes],
-               convert: Callable[[Optional[bytes]], Any]) -> Any:
-        """convert(the value for key_of(token)), answered from cache while the file is unchanged.
-
-        The cache is per file version and keyed by *token* (what the caller
-        asked with, before any normalising), so a repeated question costs one
-        stat and one dict lookup; key_of and convert run only on a miss.
-        """
-        # Fast path, no lock: answers read under LOCK_SH are kept per file
-        # signature, and only once the file's mtime is settled (see RACY_NS).
-        # Any write completed since then changes the signature, so a matching
-        # stat proves the cached answer is still the map's answer.
-        try:
-            st: Optional[os.stat_result] = os.stat(self.path)
-        except OSError:
-            st = None
-        cache = self._cache
-        if st is not None and cache is not None and cache[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-            hit = cache[1].get(token, _MISS)
-            if hit is not _MISS:
-                return hit
-        with self._mutex:
-            value = convert(self._get(key_of(token), st))
-            if self._trusted and self._sig is not None:
-                if self._cache is None or self._cache[0] != self._sig or len(self._cache[1]) >= CACHE_MAX:
-                    self._cache = (self._sig, {})
-                self._cache[1][token] = value
-            return value
-
-    def _get(self, key: bytes, st: Optional[os.stat_result] = None) -> Optional[bytes]:
-        """The value under LOCK_SH; *st* is the caller's stat of the path, taken just before."""
-        if st is None:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                self._drop()
-                if not self._missing_logged:
-                    log.info("%s %s does not exist yet: treating it as empty", self.name, self.path)
-                    self._missing_logged = True
-                return None
-            except OSError as exc:
-                raise _fail(self.path, "stat", exc) from None
-        self._missing_logged = False
-        if self._fd is None or self._ident != (st.st_dev, st.st_ino):
-            # First use, or the path now names another file (replaced by rename).
-            self._drop()
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise _fail(self.path, "open", exc) from None
-            opened = os.fstat(self._fd)
-            self._ident = (opened.st_dev, opened.st_ino)
-        flock_wait(self._fd, fcntl.LOCK_SH, self.path)
-        try:
-            st = os.fstat(self._fd)
-            sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if st.st_size == 0:
-                self._sig, self._trusted = None, False
-                return None
-            if self._handle is None or sig != self._sig or not self._trusted:
-                if self._handle is not None:
-                    self._handle.close()
-                    self._handle = None
-                handle = db.DB()
-                try:
-                    handle.open(self.path, dbtype=db.DB_HASH, flags=db.DB_RDONLY | db.DB_THREAD)
-                except db.DBError as exc:
-                    handle.close()
-                    self._sig = None
-                    raise _fail(self.path, "read as a hash database", exc) from None
-                self._handle = handle
-                self._sig = sig
-                # A future mtime was set by advance_mtime(): the next write moves it again.
-                self._trusted = abs(time.time_ns() - st.st_mtime_ns) > RACY_NS
-            try:
-                return get_both_styles(self._handle, key)
-            except db.DBError as exc:
-                self._handle.close()
-                self._handle = None
-                raise _fail(self.path, "read", exc) from None
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+# The milter's reader lives in its own module; kept importable from here.
+from relaymilter.store.mapreader import MapReader  # noqa: E402,F401

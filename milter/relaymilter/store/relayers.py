@@ -25,7 +25,8 @@ from typing import Iterable, Mapping, Optional, Protocol
 
 from relaymilter.ipaddr import normalize_ip, sort_key
 from relaymilter.store import is_store_url
-from relaymilter.store.bdb import MapReader, read_items, write_map
+from relaymilter.store.bdb import read_items, write_map
+from relaymilter.store.mapreader import MapReader
 
 DEFAULT_PATH = "~/etc/relayers.db"
 
@@ -93,7 +94,7 @@ class BDBRelayStore:
 
     def add(self, entries: Mapping[str, int], ttl: Optional[int] = None) -> None:
         items = [(normalize_ip(ip).encode("ascii"), b"%d" % int(ts)) for ip, ts in entries.items()]
-        with write_map(self.location) as txn:
+        with write_map(self.location, grow=_size(items)) as txn:
             for key, value in items:
                 txn.put(key, value)
 
@@ -101,7 +102,7 @@ class BDBRelayStore:
         keys = [normalize_ip(ip) for ip in ips]
         if not os.path.exists(self.location):
             return keys
-        with write_map(self.location, create=False) as txn:
+        with write_map(self.location, create=False, grow=0) as txn:
             return [key for key in keys if not txn.delete(key.encode("ascii"))]
 
     def delete_if_unchanged(self, entries: Mapping[str, int]) -> list[str]:
@@ -109,7 +110,7 @@ class BDBRelayStore:
         if not wanted or not os.path.exists(self.location):
             return []
         gone = []
-        with write_map(self.location, create=False) as txn:
+        with write_map(self.location, create=False, grow=0) as txn:
             for key, ts in wanted.items():
                 current = txn.get(key)
                 if current is not None and parse_ticks(current) == ts:
@@ -120,7 +121,7 @@ class BDBRelayStore:
     def expire(self, before: int) -> int:
         if not os.path.exists(self.location):
             return 0
-        with write_map(self.location, create=False) as txn:
+        with write_map(self.location, create=False, grow=0) as txn:
             return txn.remove_where(lambda v: parse_ticks(v) <= before)
 
     def entries(self) -> list[tuple[str, int]]:
@@ -134,7 +135,7 @@ class BDBRelayStore:
         sendmail and Postfix keep reading the inode they have open.
         """
         wanted = {normalize_ip(ip).encode("ascii"): b"%d" % int(ts) for ip, ts in entries.items()}
-        with write_map(self.location) as txn:
+        with write_map(self.location, grow=_size(wanted.items())) as txn:
             current = dict(txn.items())
             stale = [key for key in current if key not in wanted]
             changed = [(key, value) for key, value in wanted.items() if current.get(key) != value]
@@ -146,6 +147,11 @@ class BDBRelayStore:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def _size(items: Iterable[tuple[bytes, bytes]]) -> int:
+    """Bytes a write of *items* may add to the file (keys, values, per-item overhead)."""
+    return sum(len(k) + len(v) + 16 for k, v in items)
 
 
 def _ordered(pairs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -14,10 +14,12 @@ DESCRIPTION
     live file: it writes a temporary file in the same directory, fsyncs it,
     and renames it over the old one, so a reader sees the old map or the new
     one, never part of one. The replaced file's mtime is then advanced past
-    its previous second (bdb.advance_mtime): sendmail watches the inode it
+    its previous second (fileguard.advance_mtime): sendmail watches the inode it
     has open, in whole seconds, and reopens the path only when that grows;
     Postfix notices the unlinked inode; the milter notices the new inode. The old file's mode (and, when allowed, owner)
-    is kept; symlinks are followed. An exclusive flock on `DB.lock` is held
+    is kept; a symlink is followed only when root or the running user owns
+    it (store.fileguard), and the new file is renamed within the directory
+    of the file it replaces. An exclusive flock on `DB.lock` is held
     while the source is read and the map written, so two rebuilds apply in
     order (the later run reads the later source and its map stays). The
     source is parsed completely before the map is touched, so a bad line
@@ -43,7 +45,8 @@ DIAGNOSTICS
     normalize_entry refuses. SpammersSourceError for a source that cannot be
     read. StoreUnavailable when the new map cannot be written (the old one is
     untouched and the temporary file removed). SpammersMap: a missing file
-    is an empty list (logged once); an unreadable or corrupt one keeps the
+    is an empty list (logged once); a FIFO or other non-regular file, a file
+    of 0 bytes or cut short, an unreadable or corrupt one keeps the
     last good list and logs one error per change of the file; with no good
     list yet, lookups raise StoreUnavailable (the sender check tempfails).
 """
@@ -51,6 +54,7 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -63,7 +67,8 @@ from typing import Iterable, Iterator, Optional
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.address.resolve import ascii_lower
-from relaymilter.store.bdb import CREATE_MODE, RACY_NS, advance_mtime, db, flock_wait  # db: berkeleydb or bsddb3
+from relaymilter.store import fileguard
+from relaymilter.store.bdb import CREATE_MODE, RACY_NS, _by_fd, db, flock_wait  # db: berkeleydb or bsddb3
 from relaymilter.store.spammerslist import (  # noqa: F401 - re-exported: the parser's public names
     SpammersSourceError,
     SpammersSyntaxError,
@@ -85,8 +90,10 @@ def rebuild_lock(target: str) -> Iterator[None]:
     """Hold flock(LOCK_EX) on TARGET.lock; the lock file is never removed (that would race)."""
     lock_path = target + ".lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, CREATE_MODE)
+        fd = fileguard.open_regular(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, CREATE_MODE)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreUnavailable("%s: is a symlink: refused" % lock_path) from None
         raise _unavailable(lock_path, "open the lock file", exc) from None
     try:
         flock_wait(fd, fcntl.LOCK_EX, lock_path)
@@ -130,11 +137,10 @@ def _keep_attrs(fd: int, target: str) -> None:
 
 
 def _target(db_path: str) -> str:
-    """The file to replace: symlinks followed; refused when it is not a regular file."""
-    target = os.path.realpath(db_path)
+    """The file to replace: trusted symlinks followed (fileguard.resolve); refused when not a regular file."""
+    target = fileguard.resolve(db_path)
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        if not stat.S_ISREG(os.stat(target).st_mode):
-            raise StoreUnavailable("%s: is not a regular file" % target)
+        fileguard.refuse_odd(target, os.lstat(target))
     return target
 
 
@@ -164,7 +170,7 @@ def _replace(target: str, keys: list[str]) -> None:
             done = True
             if old_fd is not None:
                 # sendmail keeps reading the replaced inode until its mtime second grows.
-                advance_mtime(old_fd, os.fstat(old_fd).st_mtime_ns)
+                fileguard.advance_mtime(old_fd, os.fstat(old_fd).st_mtime_ns)
         finally:
             if old_fd is not None:
                 os.close(old_fd)
@@ -240,7 +246,7 @@ class _Snapshot:
 
 def _read_keys(path: str) -> _Snapshot:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = fileguard.open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         return _Snapshot(None, True)
     except OSError as exc:
@@ -251,11 +257,10 @@ def _read_keys(path: str) -> _Snapshot:
         # over before Berkeley DB opens it, we read something newer than the
         # signature says, which costs one more read later, never a stale list.
         st = os.fstat(fd)
-        if st.st_size == 0:
-            return _Snapshot(_signature(st), _settled(st))
+        fileguard.check_header(fd, path)
         handle = db.DB()
         try:
-            handle.open(path, dbtype=db.DB_HASH, flags=db.DB_RDONLY)
+            handle.open(_by_fd(fd, path), dbtype=db.DB_HASH, flags=db.DB_RDONLY)
             raw = handle.keys()
         except db.DBError as exc:
             raise _unavailable(path, "read as a hash database", exc) from None
