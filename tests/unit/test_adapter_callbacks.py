@@ -307,4 +307,5 @@ def test_unreadable_spammers_map_tempfails_senders_but_not_the_null_sender(setup
     assert c.replies[-1][:2] == ("451", "4.3.0")
     assert c.mail("<>") == Milter.CONTINUE                # never looked up
     holder.decisions.flush()
-    assert lines[-2].endswith("rule=spammers_unavailable") and lines[-1].endswith("rule=null_sender")
+    assert lines[-2].endswith('rule=spammers_unavailable cause="%s: is not a hash database"' % (tmp_path / "spammers.db"))
+    assert lines[-1].endswith("rule=null_sender")
