@@ -110,7 +110,9 @@ def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT, budget: Op
                 raise StoreUnavailable("%s: lock not obtained in %d ms"
                                        % (path, round((wait if budget is None else budget) * 1000))) from None
             time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            # flock has no queue: a lookup with a deadline polls often, or a
+            # stream of writers could keep it out for its whole budget.
+            pause = min(pause * 2, 0.02 if budget is None else 0.002)
 
 
 def strip_nul(raw: bytes) -> bytes:
@@ -309,9 +311,6 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
                 txn.handle.close()
                 done = True
                 fileguard.release(fd)
-                os.fsync(fd)        # Berkeley DB's sync() writes, it does not reach the disk
-                if not existed:
-                    _fsync_dir(real)
             except db.DBError as exc:
                 raise _fail(path, "update", exc) from None
             except OSError as exc:
@@ -323,6 +322,15 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
                     _undo_reserve(fd, real, existed, before)
             if txn.changed:
                 fileguard.advance_mtime(fd, before.st_mtime_ns)
+            # Berkeley DB's sync() writes, it does not reach the disk. The data
+            # is complete for readers already, so they need not wait for that.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            try:
+                os.fsync(fd)
+                if not existed:
+                    _fsync_dir(real)
+            except OSError as exc:
+                raise _fail(path, "sync to disk", exc) from None
             return
         finally:
             os.close(fd)
