@@ -38,7 +38,7 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Optional
 
-from berkeleydb import db
+from relaymilter.store.bdb import db  # berkeleydb or bsddb3
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store import fileguard
