@@ -38,11 +38,9 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Optional
 
-from relaymilter.store.bdb import db  # berkeleydb or bsddb3
-
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store import fileguard
-from relaymilter.store.bdb import RACY_NS, READ_WAIT, _by_fd, _fail, flock_wait, get_both_styles
+from relaymilter.store.bdb import RACY_NS, READ_WAIT, _by_fd, _fail, db, flock_wait, get_both_styles
 
 log = logging.getLogger("relaymilter.store")
 
