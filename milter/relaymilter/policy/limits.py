@@ -206,8 +206,10 @@ class Guard:
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
         assert self.store is not None and self.limits is not None
         add = {"recipients": 1} if txn.counted else {"recipients": 1, "messages": 1}
+        # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
-                            now=now, see="addresses" in self.table and not txn.seen, force=warn)
+                            now=now, see="addresses" in self.table and not txn.seen, force=warn,
+                            held=txn.identity is None)
         try:
             outcome = self.store.gate(ask)
         except StoreUnavailable as exc:

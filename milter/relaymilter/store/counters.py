@@ -45,7 +45,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from relaymilter.errors import StoreUnavailable
 
@@ -67,6 +67,8 @@ _BUCKETS = struct.Struct("<%dI" % MINUTES)
 _PAIRS = struct.Struct("<%dI" % (2 * ADDRESSES))
 _HASH = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_PAIR = struct.Struct("<II")
+_NOPAIRS = (0,) * (2 * ADDRESSES)
 _ZEROS = (0,) * MINUTES
 _DATA = 16 + KEY_MAX
 SIZE = HEAD + SLOTS * SLOT
@@ -121,8 +123,7 @@ def _rolled(values: tuple, last: int, minute: int) -> list[int]:
     return out
 
 
-@dataclass(frozen=True)
-class Charge:
+class Charge(NamedTuple):
     """What charge() found: the family over its limit (None: all within) and the counts after."""
 
     over: Optional[str]
@@ -314,25 +315,35 @@ class CounterFile:
         off = self._find(mm, h, minute, create=True)
         assert off is not None
         sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
-        pairs = list(_PAIRS.unpack_from(mm, off + _DATA)) if sh == h else [0] * (2 * ADDRESSES)
+        if sh != h:
+            # A new slot, or a stale one reused: its identity text and no addresses.
+            _SLOT_HEAD.pack_into(mm, off, h, minute, FAMILIES["addresses"], len(text))
+            mm[off + 16:off + 16 + len(text)] = text
+            mm[off + _DATA:off + SLOT] = bytes(SLOT - _DATA)
+            pairs: tuple = _NOPAIRS
+        else:
+            pairs = _PAIRS.unpack_from(mm, off + _DATA)
+        hashes, minutes = pairs[0::2], pairs[1::2]
+        cut = minute - MINUTES + 1          # entries seen at or after this minute are in the hour
+        live = sum(1 for m in minutes if m >= cut)
         ah = address_hash(address)
-        live = 0
-        mine = free = None
-        for i in range(ADDRESSES):
-            a, m = pairs[2 * i], pairs[2 * i + 1]
-            fresh = m and minute - m < MINUTES
-            if a == ah and m:
-                mine = i
-            elif fresh:
-                live += 1
-            elif free is None:
-                free = i
-        slot = mine if mine is not None else free
-        if slot is not None:
-            pairs[2 * slot], pairs[2 * slot + 1] = ah, max(minute, pairs[2 * slot + 1])
-        _SLOT_HEAD.pack_into(mm, off, h, max(minute, last), FAMILIES["addresses"], len(text))
-        mm[off + 16:off + 16 + len(text)] = text
-        _PAIRS.pack_into(mm, off + _DATA, *pairs)
+        try:
+            slot = hashes.index(ah)
+        except ValueError:
+            slot = -1
+        if slot >= 0:
+            seen = minutes[slot]
+            if seen >= cut:
+                if seen >= minute:
+                    return live             # seen this minute already: nothing to write
+                live -= 1                   # counted again below
+        else:
+            slot = next((i for i, m in enumerate(minutes) if m < cut), -1)
+            if slot < 0:
+                return live + 1             # all places taken by addresses of the hour: over any limit
+        _PAIR.pack_into(mm, off + _DATA + 8 * slot, ah, minute)
+        if minute > last:
+            _U32.pack_into(mm, off + 8, minute)
         return live + 1
 
     def usage(self, now: float) -> list[Usage]:

@@ -33,8 +33,9 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Protocol
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, NamedTuple, Optional, Protocol
 
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.store import is_store_url
@@ -53,15 +54,16 @@ class Suspension:
     reason: str             # which limit (or "admin")
 
 
-@dataclass(frozen=True)
-class Ask:
+class Ask(NamedTuple):
     """One relayed recipient (or a login) to judge and count.
 
     identity: known already (the AUTH user, or found at an earlier
     recipient of the transaction), or None to work it out from *address*
     (its POP user, else the address). add: family -> how many to count;
     limits: family -> limit (absent: none). With *see*, the address is
-    recorded among a user identity's addresses of the hour.
+    recorded among a user identity's addresses of the hour. With *held*
+    false the suspension is not looked up (the transaction's first
+    recipient did that already).
     """
 
     address: str
@@ -71,15 +73,14 @@ class Ask:
     now: float
     see: bool = False
     force: bool = False
+    held: bool = True
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     identity: str
     user: bool                          # identity is a user (AUTH or POP), not an address
     suspended: Optional[Suspension]
     charge: Optional[Charge]            # None when suspended: nothing counted
-    removed: tuple[str, ...] = field(default=())
 
 
 class GuardStore(Protocol):
@@ -114,6 +115,9 @@ class GuardStore(Protocol):
 
     def close(self) -> None:
         """Release files and connections."""
+
+
+ABSENT_RECHECK = 1.0        # seconds a missing suspended map is taken as missing
 
 
 def guard_paths(relayers_path: str) -> tuple[str, str, str]:
@@ -161,6 +165,7 @@ class HostGuardStore:
         self._users = MapReader(self.users_path, "users map")
         self._suspended = MapReader(self.suspended_path, "suspended map")
         self.counters = CounterFile(self.counters_path, create=create)
+        self._absent_until = 0.0        # the suspended map is known missing until then (monotonic)
 
     # -- the milter's call ------------------------------------------------------------
 
@@ -168,12 +173,11 @@ class HostGuardStore:
         identity = ask.identity
         if identity is None:
             identity = self.user_of(ask.address) or ask.address
-            user = identity != ask.address
-        else:
-            user = identity != ask.address
-        held = self.suspension(identity, ask.now)
-        if held is not None:
-            return Outcome(identity, user, held, None)
+        user = identity != ask.address
+        if ask.held:
+            held = self.suspension(identity, ask.now)
+            if held is not None:
+                return Outcome(identity, user, held, None)
         charge = self.counters.charge(identity, ask.now, ask.add, ask.limits,
                                       address=ask.address if ask.see and user else None, force=ask.force)
         return Outcome(identity, user, None, charge)
@@ -209,10 +213,19 @@ class HostGuardStore:
     # -- suspensions ----------------------------------------------------------------------
 
     def suspension(self, identity: str, now: float) -> Optional[Suspension]:
+        # No one was ever suspended here (the usual case): the file is looked for once a
+        # second, not at every transaction. A suspension made meanwhile counts from then;
+        # the limit that caused it refuses the identity all the same.
+        if time.monotonic() < self._absent_until:
+            return None
+        if not os.path.exists(self.suspended_path):
+            self._absent_until = time.monotonic() + ABSENT_RECHECK
+            return None
         held = self._suspended.get_as(identity, _utf8, lambda raw: parse_suspension(identity, raw))
         return held if held is not None and held.until > now else None
 
     def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]:
+        self._absent_until = 0.0
         with write_map(self.suspended_path) as txn:
             txn.put(_utf8(identity), b"%d %d %s" % (until, int(now), reason.encode("ascii", "replace")))
         doomed = [identity] if is_address(identity) else self.addresses_of(identity)

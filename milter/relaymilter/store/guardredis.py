@@ -57,10 +57,12 @@ if ident == '' then
 elseif ident == addr then
   user = 0
 end
-local s = redis.call('GET', G .. 's:' .. ident)
-if s then
-  local untl = tonumber(string.match(s, '^(%d+)'))
-  if untl and untl > now then return {ident, user, s, '', {}} end
+if ARGV[8] == '1' then
+  local s = redis.call('GET', G .. 's:' .. ident)
+  if s then
+    local untl = tonumber(string.match(s, '^(%d+)'))
+    if untl and untl > now then return {ident, user, s, '', {}} end
+  end
 end
 local over = ''
 local counts = {}
@@ -76,7 +78,7 @@ if ARGV[5] == '1' and user == 1 then
   if lim >= 0 and n > lim then over = 'addresses' end
 end
 local todo = {}
-for i = 8, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   local fam, n, lim = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local k = G .. 'c:' .. fam .. ':' .. ident
   local vals = redis.call('HGETALL', k)
@@ -159,7 +161,7 @@ class RedisGuardStore:
     def gate(self, ask: Ask) -> Outcome:
         limits = ask.limits
         args: list[Any] = [self._g, ask.identity or "", ask.address, int(ask.now), "1" if ask.see else "0",
-                           "1" if ask.force else "0", limits.get("addresses", -1)]
+                           "1" if ask.force else "0", limits.get("addresses", -1), "1" if ask.held else "0"]
         for family, n in ask.add.items():
             args += [family, n, limits.get(family, -1)]
         try:
