@@ -13,7 +13,9 @@ DESCRIPTION
     Config and swaps it in for new connections.
 
     Like sendmail's class w, the host's own names and address literals are
-    added to the local domains (add_host_names: true), and like sendmail's
+    added to the local domains (add_host_names: true; not with mta: postfix,
+    whose idea of local is mydestination alone, so relaymilter's local set is
+    exactly what the file lists and never wider than Postfix's), and like sendmail's
     relay-domains file, a numeric prefix such as ``192.168.1`` in a relay
     domains list or file names a client network rather than a domain.
 
@@ -50,7 +52,7 @@ SOCKET_RE = re.compile(r"^(?:inet:\d{1,5}(?:@\S+)?|inet6:\d{1,5}(?:@\S+)?|(?:uni
 PREFIX_RE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){0,3}$")
 
 TOP_KEYS = (
-    "socket", "workers", "log", "log_level", "local_domains", "local_domains_file", "add_host_names",
+    "socket", "workers", "log", "log_level", "mta", "local_domains", "local_domains_file", "add_host_names",
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
     "limits", "modes",
@@ -100,6 +102,7 @@ class Config:
     workers: Optional[int] = None           # milter processes; None = auto (the CPUs this process may use)
     log: str = "stderr"
     log_level: str = "info"
+    mta: str = "sendmail"
     local_domains: frozenset[str] = frozenset()
     relay_domains: frozenset[str] = frozenset()
     relay_subdomains: bool = True
@@ -319,7 +322,11 @@ def load_config(path: Optional[str] = None) -> Config:
         if nets:
             raise top.err("local_domains_file", "holds an address prefix; client networks go in trusted_networks")
         local.update(names)
-    if top.bool("add_host_names", True):
+    mta = _choice(top, "mta", "sendmail", ("sendmail", "postfix"))
+    if top.bool("add_host_names", mta == "sendmail"):
+        if mta == "postfix":
+            raise top.err("add_host_names", "true counts names Postfix relays as local (mta: postfix); "
+                          "list mydestination's names in local_domains instead")
         local.update(host_names())
 
     relay = set(_domains(top, "relay_domains", trusted_extra))
@@ -371,6 +378,7 @@ def load_config(path: Optional[str] = None) -> Config:
         workers=workers,
         log=_choice(top, "log", "stderr", ("stderr", "syslog")),
         log_level=_choice(top, "log_level", "info", ("debug", "info", "warning", "error")),
+        mta=mta,
         local_domains=frozenset(local),
         relay_domains=frozenset(relay),
         relay_subdomains=top.bool("relay_subdomains", True),

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Install the Debian packages relaymilter needs (and, with --test, what its
 # test suite starts: dovecot, redis, systemd-analyze, groff and man for the
-# man pages, and what building and checking the Debian package takes: the
-# Build-Depends of packaging/debian/control, which include the Python modules
-# the package depends on, and lintian). Idempotent; needs root.
+# man pages, the libraries of the postfix package the tests unpack, and what
+# building and checking the Debian package takes: the Build-Depends of
+# packaging/debian/control, which include the Python modules the package
+# depends on, and lintian). Idempotent; needs root.
 set -euo pipefail
 top="$(cd "$(dirname "$0")/../.." && pwd)"
 pkgs=(sendmail-bin sendmail-cf m4 libmilter-dev libdb5.3-dev db5.3-util python3-dev python3-venv gcc file)
 if [ "${1:-}" = "--test" ]; then
+    # libicu72 libnsl2 libsasl2-2 libssl3: what the unpacked (never installed) postfix package links against
     pkgs+=(dovecot-pop3d dovecot-imapd redis-server redis-sentinel systemd util-linux swaks groff-base man-db adduser
-           dpkg-dev lintian)
+           dpkg-dev lintian libicu72 libnsl2 libsasl2-2 libssl3)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

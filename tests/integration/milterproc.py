@@ -40,12 +40,16 @@ class MilterProcess:
     """relaymilter -c RUNDIR/relaymilter.yaml --socket unix:RUNDIR/m.sock"""
 
     def __init__(self, rundir: Path, settings: Optional[dict] = None, config_text: Optional[str] = None,
-                 socket_spec: Optional[str] = None) -> None:
+                 socket_spec: Optional[str] = None, umask: Optional[int] = None) -> None:
         self.rundir = Path(rundir)
         self.rundir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.rundir / "relaymilter.yaml"
-        self.sock_path = self.rundir / "m.sock"
+        if socket_spec is not None and socket_spec.startswith("unix:"):
+            self.sock_path = Path(socket_spec[len("unix:"):])
+        else:
+            self.sock_path = self.rundir / "m.sock"
         self.socket = socket_spec or "unix:%s" % self.sock_path
+        self.umask = umask      # as the unit's UMask= (the socket's mode follows it)
         self.log_path = self.rundir / "milter.log"
         self.proc: Optional[subprocess.Popen] = None
         self.write_config(settings, config_text)
@@ -75,6 +79,7 @@ class MilterProcess:
         self.proc = subprocess.Popen(
             ["relaymilter", "-c", str(self.config_path), "--socket", self.socket],
             stdout=self.logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=None if self.umask is None else (lambda: os.umask(self.umask or 0)),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

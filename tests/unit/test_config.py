@@ -193,3 +193,19 @@ def test_a_socket_without_a_host_is_refused(tmp_path, capsys, spec):
     err = capsys.readouterr().err
     assert err.startswith("relaymilter: error: --socket: %s names no host" % spec)
     assert milter_main(["-c", cfg, "--socket", spec + "@0.0.0.0", "--check-config"]) == 0
+
+
+def test_mta_postfix_adds_no_host_names(tmp_path):
+    sendmail = load_config(write(tmp_path, "local_domains: [local.test]\n"))
+    postfix = load_config(write(tmp_path, "mta: postfix\nlocal_domains: [local.test, localhost]\n"))
+    assert sendmail.mta == "sendmail" and postfix.mta == "postfix"
+    assert cfgmod.host_names() <= sendmail.local_domains
+    # exactly what the file lists, never the host's names or interface literals
+    assert postfix.local_domains == {"local.test", "localhost"}
+
+
+def test_mta_postfix_refuses_add_host_names_and_unknown_mta(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:2: add_host_names: true counts names Postfix relays as local"):
+        load_config(write(tmp_path, "mta: postfix\nadd_host_names: true\n"))
+    with pytest.raises(ConfigError, match=r"c.yaml:1: mta: must be one of sendmail, postfix"):
+        load_config(write(tmp_path, "mta: exim\n"))
