@@ -30,15 +30,11 @@ from relaymilter.cli.vsmtprelay import main as vsmtprelay_main
 
 BATTERY = yaml.safe_load((Path(__file__).parents[1] / "data" / "relay_battery.yaml").read_text())
 RIGS = ("a-inet", "a-unix", "b-inet", "b-unix")
-# POP clients in relayers.db before Postfix first opens it: (B) then depends on no
-# write Postfix might miss (a same-second write; see the two-writes test)
+# POP clients in relayers.db before Postfix first opens it
 SEEDED_RELAYERS = ("127.0.0.12", "127.0.0.50", "127.0.0.60", "127.0.0.62", "127.0.0.64")
 SASL_USERS = {"alice": "wonderland"}
 REMOTE = "<bob@remote.example>"
 LOCAL = "<alice@local.test>"
-RELAYERS_WRITES_SEEN_BY_POSTFIX = False   # main lacks writers that move relayers.db past the whole second
-MISSING_WRITER = ("relayers.db writers keep the mtime of a same-second in-place write, which Postfix "
-                  "(whole-second mtime) never notices: needs the store writer change")
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +188,7 @@ def test_vsmtprelay_add_delete_seen_by_next_session(rig):
     assert rig.pf.wait_delivered(sent.queue_id) == {"bob@remote.example": "REMOTE"}
     assert rig.relay_codes("127.0.0.21") == [rig.denied(REMOTE)[0]]
     rig.vsmtprelay("delete", "127.0.0.20")
-    # (B): relaymilter refuses (550) where Postfix has not noticed a delete made in
-    # the same second as the add (see the next test); either way no relay.
-    assert rig.relay_codes("127.0.0.20") in ([rig.denied(REMOTE)[0]], [550])
+    assert rig.relay_codes("127.0.0.20") == [rig.denied(REMOTE)[0]]
 
 
 def _same_second(steps) -> bool:
@@ -219,9 +213,7 @@ def _two_writes_in_one_second(rig: Rig, first: tuple, session_client: str, secon
     pytest.fail("could not fit two writes and a session into one second")
 
 
-def test_two_writes_within_one_second_both_seen(rig, request):
-    if rig.variant == "b" and not RELAYERS_WRITES_SEEN_BY_POSTFIX:
-        request.applymarker(pytest.mark.xfail(reason=MISSING_WRITER, strict=True))
+def test_two_writes_within_one_second_both_seen(rig):
     _two_writes_in_one_second(rig, ("add", "127.0.0.30"), "127.0.0.30", ("add", "127.0.0.31"))
     try:
         assert rig.relay_codes("127.0.0.30") == [250]
