@@ -170,6 +170,12 @@ def package_root() -> Path:
     return root
 
 
+def package_version() -> str:
+    """The unpacked package's file name, e.g. postfix_3.7.11-0+deb12u1_amd64.deb."""
+    package_root()
+    return (CACHE / "ready").read_text().strip()
+
+
 def ensure_accounts() -> tuple[int, int]:
     """The mail_owner and setgid_group accounts (system accounts, created once); (uid, gid of owner)."""
     for argv, exists in ((["groupadd", "--system", SETGID_GROUP], lambda: grp.getgrnam(SETGID_GROUP)),
