@@ -152,6 +152,9 @@ def package_root() -> Path:
             return root
         with tempfile.TemporaryDirectory(dir=CACHE) as work:
             proc = _run(["apt-get", "download", "postfix"], cwd=work)
+            if proc.returncode != 0:        # a fresh machine may have no package lists yet
+                _run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-qq"])
+                proc = _run(["apt-get", "download", "postfix"], cwd=work)
             debs = sorted(Path(work).glob("postfix_*.deb"))
             if proc.returncode != 0 or not debs:
                 raise mta.MTAError("cannot download Debian's postfix package: %s" % proc.stderr.strip()[-300:])
