@@ -194,8 +194,11 @@ def test_readback_restores_recent_logins_after_a_restart(tmp_path: Path) -> None
         wait_for(lambda: store.lookup("192.0.2.60") is not None, timeout=5)
         assert store.lookup("192.0.2.60") == int(now - 30)     # the line's own time
         assert sorted(ip for ip, _ in store.entries()) == ["192.0.2.60", "192.0.2.61"]
-        # Both are now popwatch's: they expire from the lines' times.
-        assert w.tracker.tracked == {"192.0.2.60": int(now - 30), "192.0.2.61": int(now - 10)}
+        # Both are now popwatch's: they expire from the lines' times. (The watcher
+        # notes what it wrote once its write has returned, which is after the map
+        # shows it to readers: the write syncs to disk after unlocking.)
+        wait_for(lambda: w.tracker.tracked == {"192.0.2.60": int(now - 30), "192.0.2.61": int(now - 10)},
+                 timeout=5)
     finally:
         w.stop()
         th.join(10)
