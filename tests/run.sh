@@ -13,6 +13,6 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test,redis]"
+.venv/bin/python -m pip install -q -e ".[test]"
 export PATH="$top/.venv/bin:$PATH"
 exec python -m pytest "$@"

@@ -153,7 +153,18 @@ def debs(tmp_path_factory, package_lock) -> Builds:
     return Builds(previous, current, changes)
 
 
+WANTS = {"relaymilter.service": "multi-user", "relaymilter-popwatch.service": "multi-user",
+         "relaymilter-expire.timer": "timers", "relaymilter-expire-daily.timer": "timers"}
+
+
+def enabled() -> dict[str, bool]:
+    """Which of the installable units are enabled (their [Install] symlink exists)."""
+    return {unit: os.path.lexists("/etc/systemd/system/%s.target.wants/%s" % (target, unit))
+            for unit, target in WANTS.items()}
+
+
 class Upgrade(NamedTuple):
+    fresh: dict             # enabled() right after the first install
     config: str             # the administrator's edited configuration
     relayers: str           # vsmtprelay dump before the upgrade
     spammers_db: str        # digest of spammers.db before the upgrade
@@ -170,7 +181,9 @@ def installed(debs) -> Iterator[Upgrade]:
         proc = dpkg("-i", str(debs.previous))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert run(["dpkg-query", "-W", "-f=${Version}", "relaymilter"]).stdout == PREVIOUS
-        # An administrator's changes: a local domain, a login, a spammers list built as the package's user.
+        fresh = enabled()
+        # An administrator's changes: a local domain, a login, a spammers list built as the package's user,
+        # the milter disabled for now and the strict expiry timer enabled.
         config = Path(SYSTEM_CONFIG).read_text()
         assert config.count("\nlocal_domains: []") == 1, "the packaged configuration changed: adapt this test"
         edited = config.replace("\nlocal_domains: []", "\nlocal_domains: [upgrade.example]")
@@ -178,7 +191,9 @@ def installed(debs) -> Iterator[Upgrade]:
         run(["/usr/bin/vsmtprelay", "add", "203.0.113.8", "906502527"])
         Path("/etc/relaymilter/spammers").write_text("spammer@upgrade.example\n")
         run(["runuser", "-u", "relaymilter", "--", "/usr/bin/vnewspammers"])
-        before = Upgrade(edited, run(["/usr/bin/vsmtprelay", "dump"]).stdout, digest(STATE / "spammers.db"))
+        run(["systemctl", "disable", "relaymilter.service"])
+        run(["systemctl", "enable", "relaymilter-expire.timer"])
+        before = Upgrade(fresh, edited, run(["/usr/bin/vsmtprelay", "dump"]).stdout, digest(STATE / "spammers.db"))
         proc = dpkg("-i", str(debs.current))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield before
@@ -251,6 +266,8 @@ def test_upgrade_keeps_configuration_and_maps(installed):
     assert Path("/etc/relaymilter/spammers").read_text() == "spammer@upgrade.example\n"
     owner = pwd.getpwnam("relaymilter").pw_uid
     assert os.stat(STATE / "relayers.db").st_uid == owner and os.stat(STATE / "spammers.db").st_uid == owner
+    # The administrator's choice of units stands: the upgrade neither re-enabled the milter nor dropped the timer.
+    assert enabled() == {**installed.fresh, "relaymilter.service": False, "relaymilter-expire.timer": True}
     run(["/usr/bin/vsmtprelay", "delete", "203.0.113.8"])
 
 
@@ -320,11 +337,9 @@ def test_postinst_made_the_user_state_and_enablement(installed):
     assert (state.st_uid, stat.S_IMODE(state.st_mode)) == (user.pw_uid, 0o755)
     db = os.stat("/var/lib/relaymilter/relayers.db")
     assert (db.st_uid, stat.S_IMODE(db.st_mode)) == (user.pw_uid, 0o644)
-    # relaymilter.service is enabled (Debian starts daemons); popwatch and the timers are a choice.
-    wants = Path("/etc/systemd/system/multi-user.target.wants")
-    assert os.path.realpath(wants / "relaymilter.service") == os.path.realpath("/lib/systemd/system/relaymilter.service")
-    assert not (wants / "relaymilter-popwatch.service").exists()
-    assert not Path("/etc/systemd/system/timers.target.wants/relaymilter-expire.timer").exists()
+    # A first install enables relaymilter.service (Debian starts daemons); popwatch and the timers are a choice.
+    assert installed.fresh == {"relaymilter.service": True, "relaymilter-popwatch.service": False,
+                               "relaymilter-expire.timer": False, "relaymilter-expire-daily.timer": False}
     conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", "relaymilter"]).stdout
     for path in (SYSTEM_CONFIG, "/etc/relaymilter/spammers", "/etc/cron.d/relaymilter"):
         assert path in conffiles
@@ -473,8 +488,6 @@ def test_remove_keeps_configuration_and_maps_then_purge_leaves_nothing(installed
     assert all(Path(c).is_file() for c in conffiles), conffiles
     assert Path(SYSTEM_CONFIG).read_text() == installed.config
     assert {p: digest(p) for p in maps} == maps
-    wants = Path("/etc/systemd/system/multi-user.target.wants/relaymilter.service")
-    assert not wants.exists()                 # removed units are not left enabled
 
     proc = dpkg("-P", "relaymilter")          # purge: configuration and data go too
     assert proc.returncode == 0, proc.stdout + proc.stderr
