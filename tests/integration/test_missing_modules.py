@@ -47,6 +47,8 @@ NEEDS = {
     "relaymilter-popwatch --dumpconfig (Redis store)": {"PyYAML", "berkeleydb", "redis"},
     "relaymilter-mirror --once": {"berkeleydb", "redis"},
     "relaymilter-test": {"PyYAML"},
+    "relaymilter-guard list (file)": {"PyYAML", "berkeleydb"},
+    "relaymilter-guard list (Redis)": {"PyYAML", "berkeleydb", "redis"},
 }
 
 
@@ -81,6 +83,8 @@ class Setup:
                                                                 "--dumpconfig"],
             "relaymilter-mirror --once": ["relaymilter-mirror", "--from", self.redis_url,
                                           "--to", str(b / ("mirror-%s.db" % case)), "--once"],
+            "relaymilter-guard list (file)": ["relaymilter-guard", "-f", str(b / "relayers.db"), "list"],
+            "relaymilter-guard list (Redis)": ["relaymilter-guard", "-f", self.redis_url, "list"],
             "relaymilter-test": ["relaymilter-test", "--socket", self.milter_socket, "--client", "192.0.2.7",
                                  "--from", "someone@example.net", "--rcpt", "bob@remote.example", "--timeout", "10"],
         }[name]
@@ -154,3 +158,9 @@ def test_command_with_a_module_hidden(setup, name, hidden):
     assert lines[0].startswith("%s: error: " % argv[0]), lines
     assert lines[0].endswith("need the Python package %s, which is not installed here: %s -m pip install %s"
                              % (dist, sys.executable, dist)), lines
+
+
+def test_every_command_is_run():
+    from relaymilter.cli import entry
+
+    assert {name.split()[0] for name in NEEDS} == set(entry.COMMANDS)
