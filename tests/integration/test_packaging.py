@@ -469,7 +469,7 @@ def test_installed_man_pages(installed):
         where = run(["man", "-w", section, page]).stdout.strip()
         assert where == "/usr/share/man/man%s/%s.%s.gz" % (section, page, section)
         text = run(["man", section, page], env={**CLEAN_ENV, "MANPAGER": "cat", "MANWIDTH": "80"}).stdout
-        assert "SYNOPSIS" in text
+        assert "SYNOPSIS" in text and "relaymilter %s" % __version__ in text
 
 
 def test_remove_keeps_configuration_and_maps_then_purge_leaves_nothing(installed):
