@@ -88,9 +88,16 @@ def decision_log(config: Config, opts: argparse.Namespace) -> "DecisionLog":
 
 def describe(config: Config) -> str:
     r = config.relayers
-    return "%s: %d local names, %d relay domains, %d trusted networks, relayers %s%s, spammers %s" % (
+    limits = config.limits.table() if config.limits is not None else {}
+    extra = ", limits %s" % " ".join("%s=%d" % kv for kv in sorted(limits.items())) if limits else ""
+    if limits and config.limits is not None and config.limits.suspend_minutes:
+        extra += " suspend=%dmin" % config.limits.suspend_minutes
+    if config.modes.warn:
+        extra += ", warn only: %s" % " ".join(sorted(config.modes.warn))
+    return "%s: %d local names, %d relay domains, %d trusted networks, relayers %s%s, spammers %s%s" % (
         config.source, len(config.local_domains), len(config.relay_domains), len(config.trusted_networks),
-        r.location, " (window %d min)" % r.window if r.window else "", os.path.expanduser(config.spammers.path))
+        r.location, " (window %d min)" % r.window if r.window else "", os.path.expanduser(config.spammers.path),
+        extra)
 
 
 def serve_worker(opts: argparse.Namespace) -> Callable[[Config, int], int]:
