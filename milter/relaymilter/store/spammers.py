@@ -307,6 +307,10 @@ class SpammersMap:
         if good is not None and good.settled:
             try:
                 st = os.stat(self.path)
+            except FileNotFoundError:
+                if good.sig is None:        # still missing, as when the (empty) list was settled
+                    return good.keys
+                return self._keys()
             except OSError:
                 return self._keys()
             if good.sig == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
