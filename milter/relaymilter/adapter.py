@@ -37,7 +37,14 @@ DIAGNOSTICS
     connect, which sends no reply, is remembered and MAIL and RCPT get the
     451. pymilter's own exception policy is set to TEMPFAIL as a second guard.
     MAIL or RCPT with no CONNECT before it is judged as an unknown client
-    (a stranger: no relaying).
+    (a stranger: no relaying), and so is a session after a QUIT_NC that
+    libmilter honours (it closes the context; the next one starts unknown).
+    libmilter ignores a QUIT_NC sent in the middle of a transaction (its
+    state table allows one only after the end of a message): what follows is,
+    for libmilter and so for relaymilter, more of the same session. No MTA
+    sends that; a peer that can write to the milter socket could as well
+    send a CONNECT with any address, so the socket's permissions are the
+    guard (packaging/systemd: a private directory).
 """
 
 from __future__ import annotations
