@@ -46,40 +46,54 @@ from relaymilter.store.redis import RedisRelayStore, _match_pattern
 
 HOUR_TTL = 3600 + 60
 
+# ARGV[1] the guard prefix, ARGV[2] the request as NUL-separated fields (one argument: packing
+# and parsing a dozen arguments would cost the milter more than the call itself): identity or "",
+# address, now, see, force, the addresses limit (-1: none), held, then family, n, limit triplets.
+# The answer is one string, NUL-separated: identity, user, suspension or "", family over or "",
+# then family, count pairs.
 GATE = """
-local G, ident, addr = ARGV[1], ARGV[2], ARGV[3]
-local now = tonumber(ARGV[4])
+local G = ARGV[1]
+local f = {}
+local pos = 1
+while true do
+  local nul = string.find(ARGV[2], '\0', pos, true)
+  if not nul then f[#f + 1] = string.sub(ARGV[2], pos); break end
+  f[#f + 1] = string.sub(ARGV[2], pos, nul - 1)
+  pos = nul + 1
+end
+local ident, addr = f[1], f[2]
+local now = tonumber(f[3])
 local minute = math.floor(now / 60)
-local user = 1
+local user = '1'
 if ident == '' then
   local u = redis.call('GET', G .. 'u:' .. addr)
-  if u then ident = u else ident = addr; user = 0 end
+  if u then ident = u else ident = addr; user = '0' end
 elseif ident == addr then
-  user = 0
+  user = '0'
 end
-if ARGV[8] == '1' then
+if f[7] == '1' then
   local s = redis.call('GET', G .. 's:' .. ident)
   if s then
     local untl = tonumber(string.match(s, '^(%d+)'))
-    if untl and untl > now then return {ident, user, s, '', {}} end
+    if untl and untl > now then return table.concat({ident, user, s, ''}, '\0') end
   end
 end
 local over = ''
-local counts = {}
-if ARGV[5] == '1' and user == 1 then
+local out = {ident, user, '', ''}
+if f[4] == '1' and user == '1' then
   local k = G .. 'a:' .. ident
   redis.call('ZADD', k, minute, addr)
   redis.call('ZREMRANGEBYSCORE', k, '-inf', minute - 60)
   redis.call('EXPIRE', k, 3660)
   local n = redis.call('ZCARD', k)
-  counts[#counts + 1] = 'addresses'
-  counts[#counts + 1] = n
-  local lim = tonumber(ARGV[7])
+  out[#out + 1] = 'addresses'
+  out[#out + 1] = tostring(n)
+  local lim = tonumber(f[6])
   if lim >= 0 and n > lim then over = 'addresses' end
 end
 local todo = {}
-for i = 9, #ARGV, 3 do
-  local fam, n, lim = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+for i = 8, #f - 2, 3 do
+  local fam, n, lim = f[i], tonumber(f[i + 1]), tonumber(f[i + 2])
   local k = G .. 'c:' .. fam .. ':' .. ident
   local vals = redis.call('HGETALL', k)
   local total = 0
@@ -95,15 +109,16 @@ for i = 9, #ARGV, 3 do
 end
 for _, t in ipairs(todo) do
   local total = t[4]
-  if (over == '' or ARGV[6] == '1') and t[3] > 0 then
+  if (over == '' or f[5] == '1') and t[3] > 0 then
     redis.call('HINCRBY', t[1], minute, t[3])
     redis.call('EXPIRE', t[1], 3660)
     total = total + t[3]
   end
-  counts[#counts + 1] = t[2]
-  counts[#counts + 1] = total
+  out[#out + 1] = t[2]
+  out[#out + 1] = tostring(total)
 end
-return {ident, user, '', over, counts}
+out[4] = over
+return table.concat(out, '\0')
 """
 GATE_SHA = hashlib.sha1(GATE.encode("ascii")).hexdigest()
 
@@ -160,23 +175,24 @@ class RedisGuardStore:
 
     def gate(self, ask: Ask) -> Outcome:
         limits = ask.limits
-        args: list[Any] = [self._g, ask.identity or "", ask.address, int(ask.now), "1" if ask.see else "0",
-                           "1" if ask.force else "0", limits.get("addresses", -1), "1" if ask.held else "0"]
+        fields = [ask.identity or "", ask.address, "%d" % ask.now, "1" if ask.see else "0", "1" if ask.force else "0",
+                  "%d" % limits.get("addresses", -1), "1" if ask.held else "0"]
         for family, n in ask.add.items():
-            args += [family, n, limits.get(family, -1)]
+            fields += [family, "%d" % n, "%d" % limits.get(family, -1)]
+        request = "\0".join(fields).encode("utf-8", "surrogateescape")
         try:
             try:
-                reply = self._call("EVALSHA", GATE_SHA, 0, *args)
+                reply = self._call("EVALSHA", GATE_SHA, 0, self._g, request)
             except rexc.NoScriptError:
-                reply = self._call("EVAL", GATE, 0, *args)
+                reply = self._call("EVAL", GATE, 0, self._g, request)
         except (rexc.RedisError, OSError) as exc:
             raise self._fail("count", exc) from None
-        identity, user, held, over, flat = reply
-        identity = _s(identity)
+        parts = reply.split(b"\0")
+        identity, user, held, over = _s(parts[0]), parts[1] == b"1", parts[2], parts[3]
         if held:
-            return Outcome(identity, bool(user), parse_suspension(identity, held), None)
-        counts = {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Outcome(identity, bool(user), None, Charge(_s(over) or None, counts))
+            return Outcome(identity, user, parse_suspension(identity, held), None)
+        counts = {_s(parts[i]): int(parts[i + 1]) for i in range(4, len(parts) - 1, 2)}
+        return Outcome(identity, user, None, Charge(_s(over) or None, counts))
 
     # -- users ---------------------------------------------------------------------------------
 
