@@ -204,7 +204,9 @@ class CounterFile:
                 self._lock(fd, fcntl.LOCK_EX)
                 try:
                     if os.fstat(fd).st_size == 0:
-                        os.ftruncate(fd, SIZE)
+                        # Blocks allocated now, not at the first write to each page of a sparse
+                        # file (a page fault that allocates, in the middle of a decision).
+                        os.posix_fallocate(fd, 0, SIZE)
                         os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES), 0)
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
