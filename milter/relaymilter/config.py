@@ -42,6 +42,7 @@ from relaymilter.address.resolve import normalize_domain as policy_normalize_dom
 from relaymilter.policy.limits import Limits
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
 from relaymilter.store import is_store_url
+from relaymilter.recipientsconfig import LocalRecipientsConfig, load_local_recipients
 from relaymilter.yamlcheck import Mapping, compose_file, where
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -56,6 +57,7 @@ TOP_KEYS = (
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
     "limits", "modes",
+    "local_recipients",
 )
 RELAYERS_KEYS = ("path", "url", "window")
 SPAMMERS_KEYS = ("source", "path")
@@ -116,6 +118,7 @@ class Config:
     popwatch: PopwatchConfig = field(default_factory=PopwatchConfig)
     limits: Optional[Limits] = None                 # None = no relaying limits
     modes: Modes = ENFORCE_ALL
+    local_recipients: LocalRecipientsConfig = field(default_factory=LocalRecipientsConfig)
 
 
 def rules_dir() -> Path:
@@ -392,4 +395,5 @@ def load_config(path: Optional[str] = None) -> Config:
         popwatch=popwatch,
         limits=parse_limits(top),
         modes=parse_modes(top),
+        local_recipients=load_local_recipients(top),
     )

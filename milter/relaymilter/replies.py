@@ -30,6 +30,10 @@ RELAYING_DENIED = Reply("550", "5.7.1", "Relaying denied")
 RELAY_CHECK_UNAVAILABLE = Reply("451", "4.3.0", "Relay check temporarily unavailable, try again later")
 # RCPT TO: an address that cannot be parsed at all (sendmail's own 553 5.1.3 family).
 MALFORMED_ADDRESS = Reply("553", "5.1.3", "Malformed address")
+# RCPT TO: a local domain's user that no local_recipients source knows (sendmail's own text).
+USER_UNKNOWN = Reply("550", "5.1.1", "User unknown")
+# RCPT TO: a local user no readable source knows while another source cannot be read now.
+RECIPIENT_LOOKUP_FAILED = Reply("451", "4.3.0", "Temporary lookup failure")
 # MAIL FROM: sender listed in spammers.db (sendmail access-db REJECT text).
 ACCESS_DENIED = Reply("550", "5.7.1", "Access denied")
 # MAIL FROM: spammers.db could not be read and no earlier good copy exists.
