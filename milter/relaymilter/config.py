@@ -41,8 +41,8 @@ from relaymilter.address.resolve import BadAddress
 from relaymilter.address.resolve import normalize_domain as policy_normalize_domain
 from relaymilter.policy.limits import Limits
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
+from relaymilter.recipientsconfig import LOCAL_RECIPIENTS_KEYS, LocalRecipientsConfig, load_local_recipients  # noqa: F401
 from relaymilter.store import is_store_url
-from relaymilter.recipientsconfig import LocalRecipientsConfig, load_local_recipients
 from relaymilter.yamlcheck import Mapping, compose_file, where
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

@@ -107,7 +107,7 @@ def test_man_page_names_every_option(name):
 
 # --- configuration keys: sample == relaymilter.yaml(5) == schema ---------------------------
 
-NESTED = ("relayers", "spammers", "popwatch", "limits", "modes")
+NESTED = ("relayers", "spammers", "popwatch", "limits", "modes", "local_recipients")
 
 
 def sample_keys() -> set[str]:
@@ -135,7 +135,8 @@ def man_keys() -> set[str]:
 def schema_keys() -> set[str]:
     keys = set(rconfig.TOP_KEYS)
     for parent, subs in (("relayers", rconfig.RELAYERS_KEYS), ("spammers", rconfig.SPAMMERS_KEYS),
-                         ("popwatch", rconfig.POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES)):
+                         ("popwatch", rconfig.POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES),
+                         ("local_recipients", rconfig.LOCAL_RECIPIENTS_KEYS)):
         keys.update("%s.%s" % (parent, s) for s in subs)
     return keys
 

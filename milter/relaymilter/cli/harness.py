@@ -6,6 +6,7 @@ SYNOPSIS
                      --from ADDR --rcpt ADDR [--rcpt ADDR ...] [--message FILE]
                      [--timeout SECONDS]
     relaymilter-test [--socket SPEC] [--timeout SECONDS] SCENARIO.yaml [...]
+    relaymilter-test [-c FILE] --lookup ADDR [--lookup ADDR ...]
 
 DESCRIPTION
     Session mode plays one SMTP session through the milter protocol and
@@ -20,11 +21,20 @@ DESCRIPTION
     answers (see relaymilter.harness.scenario) and prints a pass/fail report;
     the socket on the command line wins over the file's.
 
+    Lookup mode answers "is this recipient known, and by which source?"
+    from the configuration (-c FILE, else the file relaymilter would read)
+    and the local_recipients sources themselves, through the same steps the
+    milter takes, without a milter running:
+
+        <alice+tag@example.com>: resolves to alice+tag@example.com: known (list /etc/relaymilter/local-users); rule=local_domain source=list
+        <nobody@example.com>: resolves to nobody@example.com: 550 5.1.1 User unknown; rule=unknown_recipient
+
 EXIT STATUS
     0  session mode: the milter answered (whatever it answered);
-       scenario mode: every expectation met
-    1  the milter could not be reached or broke the protocol; a scenario failed
-    2  bad usage, or an invalid scenario file (FILE:LINE: message)
+       scenario mode: every expectation met; lookup mode: every address accepted
+    1  the milter could not be reached or broke the protocol; a scenario failed;
+       lookup mode: an address would be refused or tempfailed
+    2  bad usage, an invalid scenario file or configuration (FILE:LINE: message)
 """
 
 from __future__ import annotations
@@ -65,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", metavar="FILE",
                    help="send this message's headers and body after the recipients ('-' for stdin)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds to wait for each answer")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="lookup mode: the configuration (default: the one relaymilter would read)")
+    p.add_argument("--lookup", action="append", metavar="ADDR",
+                   help="lookup mode: say whether this recipient is known, by which source (repeatable)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return p
 
@@ -98,6 +112,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parse_socket_spec(args.socket)
         except SocketSpecError as err:
             parser.error(str(err))
+    if args.lookup:
+        given = [flag for dest, flag in _SESSION_OPTIONS.items() if getattr(args, dest) is not None]
+        given += ["--socket"] if args.socket else []
+        given += ["SCENARIO.yaml"] if args.scenarios else []
+        if given:
+            parser.error("--lookup cannot be combined with %s" % ", ".join(given))
+        return _run_lookups(args)
+    if args.config is not None:
+        parser.error("-c/--config is for --lookup")
     if args.scenarios:
         given = [flag for dest, flag in _SESSION_OPTIONS.items() if getattr(args, dest) is not None]
         if given:
@@ -145,6 +168,25 @@ def _run_one(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _error(str(result.error))
         return 1
     return 0
+
+
+def _run_lookups(args: argparse.Namespace) -> int:
+    from relaymilter.config import load_config
+    from relaymilter.errors import ConfigError
+    from relaymilter.recipientlookup import explain, open_sources, rcpt_policy
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        _error(str(err))
+        return 2
+    sources, policy = open_sources(config), rcpt_policy(config)
+    ok = True
+    for address in args.lookup:
+        answer = explain(config, sources, address, policy)
+        print("%s: %s" % (answer.address, answer.text))
+        ok = ok and answer.ok
+    return 0 if ok else 1
 
 
 def _run_scenarios(args: argparse.Namespace) -> int:
