@@ -161,11 +161,15 @@ class Connection:
             if self.broken:
                 return self._answer("RCPT", _INTERNAL, rcpt, "")
             verdict = self.session.rcpt(rcpt)
-            return self._answer("RCPT", verdict.decision, rcpt, verdict.destination.detail + self.session.note)
+            extra = verdict.destination.detail + self.session.note
+            if verdict.source is None:
+                return self._answer("RCPT", verdict.decision, rcpt, extra)
+            return self._answer("RCPT", verdict.decision, rcpt, extra, verdict.source)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envrcpt")
 
-    def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str) -> int:
+    def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str,
+                source: Optional[str] = None) -> int:
         """Log the decision and turn it into setreply() + a pymilter return code."""
         if type(decision) is Continue:
             if self.note is not None:
@@ -173,7 +177,7 @@ class Connection:
                 if warned is not None and not self.broken:     # warn-only mode (policy.modes)
                     self._log_refusal(stage, warned, rcpt, extra, "would reject")
                 else:
-                    self._log_pass(stage, decision, rcpt, extra)
+                    self._log_pass(stage, decision, rcpt, extra, source)
             return Milter.CONTINUE
         assert isinstance(decision, (Reject, TempFail))
         if self.note is not None:
@@ -184,14 +188,18 @@ class Connection:
         self.ctx.setreply(reply.code, reply.xcode, reply.text)
         return Milter.REJECT if type(decision) is Reject else Milter.TEMPFAIL
 
-    def _log_pass(self, stage: str, decision: Continue, rcpt: Optional[str], extra: str) -> None:
+    def _log_pass(self, stage: str, decision: Continue, rcpt: Optional[str], extra: str,
+                  source: Optional[str] = None) -> None:
         assert self.note is not None
         sender = printable(self.session.sender, LOG_TEXT_MAX)
         if rcpt is None:
             self.note(_PASS_MAIL % (self.tag, self.client_text, sender, extra, decision.rule))
-        else:
+        elif source is None:
             self.note(_PASS_RCPT % (self.tag, self.client_text, sender, printable(rcpt, LOG_TEXT_MAX),
                                     extra, decision.rule))
+        else:   # local_recipients: which source knew the user
+            self.note(_PASS_RCPT_KNOWN % (self.tag, self.client_text, sender, printable(rcpt, LOG_TEXT_MAX),
+                                          extra, decision.rule, source))
 
     def _log_refusal(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str,
                      verb: str = "") -> None:
@@ -225,6 +233,7 @@ class Connection:
 # The decision lines (see the module notes); the connection id is Connection.tag.
 _PASS_MAIL = "%s: pass: MAIL from %s: from=%s %srule=%s"
 _PASS_RCPT = "%s: pass: RCPT from %s: from=%s to=%s %srule=%s"
+_PASS_RCPT_KNOWN = _PASS_RCPT + " source=%s"
 _REFUSE_MAIL = "%s: %s: %s from %s: %s %s %s: %s; from=%s %srule=%s"
 _REFUSE_RCPT = "%s: %s: %s from %s: %s %s %s: %s; from=%s to=%s %srule=%s"
 

@@ -24,7 +24,8 @@ from relaymilter.config import Config
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy import recipients as rpolicy
 from relaymilter.policy.decision import Continue
-from relaymilter.policy.rcpt import RcptPolicy, destination
+from relaymilter.policy.rcpt import Place, RcptPolicy, destination
+from relaymilter.runtime import rcpt_policy
 from relaymilter.store.recipients import LocalRecipients
 
 
@@ -33,14 +34,6 @@ class Answer:
     address: str
     text: str
     ok: bool        # known, or not a question for local_recipients; False: refused or tempfailed
-
-
-def rcpt_policy(config: Config) -> RcptPolicy:
-    return RcptPolicy(
-        local_domains=config.local_domains, relay_domains=config.relay_domains,
-        trusted_networks=config.trusted_networks, permit_authenticated=config.permit_authenticated,
-        window=config.relayers.window, relay_subdomains=config.relay_subdomains,
-        percent_hack=config.percent_hack, bang_paths=config.bang_paths)
 
 
 def open_sources(config: Config) -> LocalRecipients:
@@ -55,8 +48,8 @@ def explain(config: Config, sources: LocalRecipients, address: str, policy: Opti
     if dest.resolved is None:
         return Answer(rcpt, "malformed address (%s): 553 5.1.3 Malformed address" % dest.error, False)
     resolved = dest.resolved
-    if dest.final is None or dest.final.decision.rule != "local_domain":
-        kind = "a relay domain" if dest.final is not None else "not a local or relay domain"
+    if dest.place is not Place.LOCAL:
+        kind = "a relay domain" if dest.place is Place.RELAY else "not a local or relay domain"
         return Answer(rcpt, "resolves to %s: %s, local_recipients does not apply" % (resolved, kind), True)
     if not config.local_recipients.enabled:
         return Answer(rcpt, "resolves to %s, a local domain: known (local_recipients has no source: "
@@ -83,5 +76,6 @@ def explain(config: Config, sources: LocalRecipients, address: str, policy: Opti
             else "always accepted"
         return Answer(rcpt, "resolves to %s: known (%s); rule=%s source=%s"
                       % (resolved, where, decision.rule, got.source), True)
+    assert not isinstance(decision, Continue)
     why = " (%s)" % failures[0] if failures else ""
     return Answer(rcpt, "resolves to %s: %s%s; rule=%s" % (resolved, decision.reply, why, decision.rule), False)

@@ -62,7 +62,9 @@ from relaymilter.policy.limits import Store as GuardStoreView  # the part of the
 from relaymilter.policy.mail import SenderKeys, mail_plan
 from relaymilter.policy.modes import Modes
 from relaymilter.policy.rcpt import Client, Destination, RcptPolicy, destination
+from relaymilter.policy.recipients import Lookup
 from relaymilter.store.guard import Ask, open_guard_store
+from relaymilter.store.recipients import LocalRecipients
 from relaymilter.store.relayers import RelayStore, open_relay_store
 from relaymilter.store.spammers import SpammersMap
 
@@ -81,17 +83,7 @@ class Runtime:
 
     def __init__(self, config: Config, previous: Optional["Runtime"] = None) -> None:
         self.config = config
-        self.policy = RcptPolicy(
-            local_domains=config.local_domains,
-            relay_domains=config.relay_domains,
-            trusted_networks=config.trusted_networks,
-            permit_authenticated=config.permit_authenticated,
-            window=config.relayers.window,
-            relay_subdomains=config.relay_subdomains,
-            percent_hack=config.percent_hack,
-            bang_paths=config.bang_paths,
-            trust_local_socket=config.trust_local_socket,
-        )
+        self.policy = rcpt_policy(config)
         # Keep open stores across a reload when they name the same map: their
         # handles and last-good state stay valid, and nothing is reopened.
         location = config.relayers.location
@@ -103,6 +95,16 @@ class Runtime:
         self.spammers: SpammersMap = (previous.spammers if previous is not None and previous.spammers_path == spam_path
                                       else SpammersMap(spam_path))
         self.spammers_path: str = spam_path
+        # local_recipients: the sources are kept across a reload that names the same ones.
+        lr = config.local_recipients
+        if not lr.enabled:
+            self.recipients: Optional[LocalRecipients] = None
+        elif previous is not None and previous.recipients is not None and previous.config.local_recipients == lr:
+            self.recipients = previous.recipients
+        else:
+            self.recipients = LocalRecipients(lr.passwd, lr.aliases, lr.lists, lr.maps)
+        self.known_recipient: Optional[Lookup] = self.recipients.lookup if self.recipients is not None else None
+        self.recipient_delimiter = lr.recipient_delimiter
         # The config is frozen per Runtime, so what an address resolves to is
         # too: memoised here, dropped with the Runtime on reload.
         self.rcpt_memo: dict[str, Destination] = {}
@@ -139,6 +141,21 @@ class Runtime:
 
     def spammers_listed(self) -> AbstractSet[str]:
         return self.spammers.members()
+
+
+def rcpt_policy(config: Config) -> RcptPolicy:
+    """The policy core's view of *config*."""
+    return RcptPolicy(
+        local_domains=config.local_domains,
+        relay_domains=config.relay_domains,
+        trusted_networks=config.trusted_networks,
+        permit_authenticated=config.permit_authenticated,
+        window=config.relayers.window,
+        relay_subdomains=config.relay_subdomains,
+        percent_hack=config.percent_hack,
+        bang_paths=config.bang_paths,
+        trust_local_socket=config.trust_local_socket,
+    )
 
 
 def _remember(memo: dict[str, V], key: str, value: V) -> V:

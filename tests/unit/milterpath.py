@@ -102,8 +102,12 @@ class MapSources:
     def __init__(self, policy: RcptPolicy, relayers: Optional[dict[str, int]] = None,
                  spammers: AbstractSet[str] = frozenset(), error: Optional[Exception] = None,
                  spammers_error: Optional[Exception] = None,
-                 listed: Optional[Callable[[], AbstractSet[str]]] = None) -> None:
+                 listed: Optional[Callable[[], AbstractSet[str]]] = None,
+                 known_recipient: Optional[Callable[[tuple[str, ...], Optional[str]], Optional[str]]] = None,
+                 recipient_delimiter: str = "") -> None:
         self.policy = policy
+        self.known_recipient = known_recipient      # local_recipients' lookup; None: not configured
+        self.recipient_delimiter = recipient_delimiter
         self.listed = listed                # a spammers store's members(), when given
         self.entries = dict(relayers or {})
         self.spammers = frozenset(spammers)

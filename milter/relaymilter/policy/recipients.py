@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
@@ -44,7 +45,7 @@ USER_UNKNOWN = Reject(replies.USER_UNKNOWN, "unknown_recipient")
 LOOKUP_FAILED = TempFail(replies.RECIPIENT_LOOKUP_FAILED, "recipients_unavailable")
 
 # lookup(local parts, domain) -> the name of the source that knows one of them, or None.
-Lookup = Callable[[tuple[str, ...], "str | None"], "str | None"]
+Lookup = Callable[[tuple[str, ...], Optional[str]], Optional[str]]
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,13 @@ DESCRIPTION
       1. resolution     Sources.destination(rcpt): the resolved recipient
                         and its Place, or why it cannot be parsed.
       2. local domain   Place.LOCAL -> Continue(local_domain).
-                        [local_recipients] goes first here: it receives the
-                        resolved recipient and refuses an unknown user 550
-                        5.1.1 for every client (451 if its source is
-                        unreadable).
+                        With local_recipients (Sources.known_recipient), the
+                        user must be known to one of its sources first
+                        (policy.recipients): an unknown user is refused 550
+                        5.1.1 for every client, trusted ones included
+                        (unknown_recipient); 451 4.3.0 when a source cannot
+                        be read (recipients_unavailable); the verdict names
+                        the source that knew a known user.
       3. relay domain   Place.RELAY -> Continue(relay_domain).
          [dnsbl] comes after 2 and 3, before the Continue is returned: it
                         receives the session (standing(), client) and applies
@@ -88,6 +91,7 @@ from relaymilter.policy.limits import Guard, Txn
 from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
 from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place, RcptPolicy
+from relaymilter.policy.recipients import Lookup, check, query
 
 
 class Standing(enum.Enum):
@@ -104,6 +108,9 @@ class Sources(Protocol):
     """What a session decides with: the policy and its maps (relaymilter.runtime.Runtime)."""
 
     policy: RcptPolicy
+    # local_recipients: which source knows a local user (policy.recipients.Lookup); None: not configured.
+    known_recipient: Optional[Lookup]
+    recipient_delimiter: str
 
     def destination(self, rcpt: str) -> Destination:
         """policy.rcpt.destination() for *rcpt* (may be memoised)."""
@@ -123,10 +130,14 @@ class Sources(Protocol):
 
 
 class RcptVerdict(NamedTuple):
-    """A RCPT decision and the destination it was made for (the log line shows both)."""
+    """A RCPT decision and the destination it was made for (the log line shows both).
+
+    *source* names the local_recipients source that knew a local user.
+    """
 
     decision: Decision
     destination: Destination
+    source: Optional[str] = None
 
 
 LOCAL_DOMAIN = Continue("local_domain")
@@ -201,7 +212,11 @@ class Session:
         dest = self.sources.destination(rcpt)
         place = dest.place
         if place is Place.LOCAL:
-            return RcptVerdict(LOCAL_DOMAIN, dest)
+            lookup = self.sources.known_recipient
+            if lookup is None or dest.resolved is None:
+                return RcptVerdict(LOCAL_DOMAIN, dest)
+            known = check(query(dest.resolved, self.sources.recipient_delimiter), lookup)
+            return RcptVerdict(known.decision, dest, known.source)
         if place is Place.RELAY:
             return RcptVerdict(RELAY_DOMAIN, dest)
         standing = self.standing()
