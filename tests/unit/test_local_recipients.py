@@ -270,9 +270,13 @@ def test_map_unreadable_or_gone_is_unavailable(tmp_path, settled):
     with pytest.raises(StoreUnavailable, match="No such file"):
         source.knows(("alice",), "l.test")
     os.mkdir(path)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable, match="Is a directory"):
         source.knows(("alice",), "l.test")
     os.rmdir(path)
+    os.mkfifo(path)
+    with pytest.raises(StoreUnavailable, match="Is a FIFO"):
+        source.knows(("alice",), "l.test")
+    os.unlink(path)
     Path(path).write_bytes(good)
     assert source.knows(("alice",), "l.test")
 
@@ -300,7 +304,7 @@ def test_aliases_include_edit_seen_at_the_next_lookup(tmp_path, settled):
     assert rec.lookup(("list",), None) == "aliases"
 
 
-@pytest.mark.parametrize("breakage", ["directory", "syntax", "deleted"])
+@pytest.mark.parametrize("breakage", ["directory", "syntax", "deleted", "fifo"])
 def test_broken_text_source_is_unavailable_until_fixed(tmp_path, settled, breakage):
     path = write(tmp_path, "users", "alice\n")
     rec = LocalRecipients(lists=[path])
@@ -308,12 +312,16 @@ def test_broken_text_source_is_unavailable_until_fixed(tmp_path, settled, breaka
     os.unlink(path)
     if breakage == "directory":
         os.mkdir(path)
+    elif breakage == "fifo":
+        os.mkfifo(path)             # opening it must not wait for a writer
     elif breakage == "syntax":
         Path(path).write_text("alice bob\n")
     with pytest.raises(StoreUnavailable):
         rec.lookup(("alice",), None)
     if breakage == "directory":
         os.rmdir(path)
+    elif breakage == "fifo":
+        os.unlink(path)
     Path(path).write_text("alice\n")
     assert rec.lookup(("alice",), None) == "list"
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import Milter
 import pytest
-from milterpath import Conn, MapSources, decide, policy
+from milterpath import Conn, MapSources, decide, policy, session
 
 from relaymilter import adapter, replies
 from relaymilter.config import load_config
 from relaymilter.decisionlog import DecisionLog
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Continue, Reject
+from relaymilter.policy.modes import Modes
 from relaymilter.policy.recipients import LOOKUP_FAILED, USER_UNKNOWN
 from relaymilter.store import recipients as rmod
 from relaymilter.store.relayers import BDBRelayStore
@@ -81,6 +82,19 @@ def test_unreadable_source_tempfails_local_users_only():
     assert decide("<bob@remote.example>", sources, LISTED).decision == Continue("relayers_db")
 
 
+def test_warn_mode_passes_and_keeps_the_refusal_for_the_log():
+    sources = MapSources(policy({"local.test"}, set()), known_recipient=Users())
+    sources.current_modes = lambda: Modes(frozenset({"local_recipients"}))     # type: ignore[attr-defined]
+    s = session(sources, TRUSTED)
+    verdict = s.rcpt("<nobody@local.test>")
+    assert verdict.decision == Continue("unknown_recipient") and s.warned == USER_UNKNOWN
+    s.rcpt("<alice@local.test>")
+    assert s.warned is None
+    failing = MapSources(policy({"local.test"}, set()), known_recipient=Users(fail=True))
+    failing.current_modes = sources.current_modes                               # type: ignore[attr-defined]
+    assert decide("<alice@local.test>", failing).decision == LOOKUP_FAILED   # a 451 is made in every mode
+
+
 def test_without_local_recipients_every_local_user_passes():
     sources = MapSources(policy({"local.test"}, set()))
     verdict = decide("<nobody@local.test>", sources)
@@ -137,6 +151,19 @@ def test_replies_and_decision_lines(milter):
         "from=<a@example.net> to=<nobody@local.test> resolved=nobody@local.test rule=recipients_unavailable" % tag,
         head + "to=<staff@local.test> resolved=staff@local.test rule=local_domain source=aliases",
     ]
+
+
+def test_warn_mode_through_the_adapter(milter):
+    holder, lines, _, cfg = milter
+    cfg.write_text(cfg.read_text() + "modes: {local_recipients: warn}\n")
+    holder.swap(load_config(str(cfg)))
+    c = Conn(holder, "192.0.2.60")
+    c.mail(b"<a@example.net>")
+    assert c.rcpt(b"<nobody@local.test>") == Milter.CONTINUE and c.replies == []
+    holder.decisions.flush()
+    assert lines[-1] == ("%s: would reject: RCPT from [192.0.2.60]: 550 5.1.1 <nobody@local.test>: User unknown; "
+                         "from=<a@example.net> to=<nobody@local.test> resolved=nobody@local.test "
+                         "rule=unknown_recipient" % c.connection.tag)
 
 
 def test_list_change_counts_from_the_next_transaction(milter):

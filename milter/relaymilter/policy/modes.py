@@ -14,6 +14,8 @@ DESCRIPTION
         spammers   spammers (a listed sender refused at MAIL)
         limits     recipients_per_hour, messages_per_hour, addresses_per_hour,
                    suspended
+        local_recipients
+                   unknown_recipient (a local user no source knows)
 
     A temporary failure because a map cannot be read (relayers_unavailable,
     spammers_unavailable, internal_error) is not a rule's refusal and is
@@ -39,8 +41,9 @@ FAMILY_OF_RULE = {
     "malformed_address": "relay",
     "spammers": "spammers",
     **{rule: "limits" for rule in LIMIT_RULES},
+    "unknown_recipient": "local_recipients",
 }
-FAMILIES = ("relay", "spammers", "limits")
+FAMILIES = ("relay", "spammers", "limits", "local_recipients")
 MODES = ("enforce", "warn")
 
 

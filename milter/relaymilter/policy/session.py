@@ -216,7 +216,7 @@ class Session:
             if lookup is None or dest.resolved is None:
                 return RcptVerdict(LOCAL_DOMAIN, dest)
             known = check(query(dest.resolved, self.sources.recipient_delimiter), lookup)
-            return RcptVerdict(known.decision, dest, known.source)
+            return RcptVerdict(self._warn(known.decision), dest, known.source)
         if place is Place.RELAY:
             return RcptVerdict(RELAY_DOMAIN, dest)
         standing = self.standing()

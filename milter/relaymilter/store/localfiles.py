@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -88,14 +89,39 @@ class UserList:
         return domain is not None and domain in self.domains
 
 
+def not_regular(mode: int) -> str:
+    """Why a file of *mode* cannot be a source ("" for a regular file)."""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "Is a directory"
+    if stat.S_ISFIFO(mode):
+        return "Is a FIFO"
+    return "Not a regular file"
+
+
 def _read(path: str, files: list[str], where: str = "") -> bytes:
+    """The whole file; never waits on a FIFO (O_NONBLOCK) and reads only a regular file."""
     files.append(path)
+    head = "%s: %s" % (where, path) if where else path
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        head = "%s: %s" % (where, path) if where else path
         raise SourceError("%s: cannot read: %s" % (head, exc.strerror or exc), tuple(files)) from None
+    try:
+        why = not_regular(os.fstat(fd).st_mode)
+        if why:
+            raise SourceError("%s: cannot read: %s" % (head, why), tuple(files))
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise SourceError("%s: cannot read: %s" % (head, exc.strerror or exc), tuple(files)) from None
+    finally:
+        os.close(fd)
 
 
 def _lines(data: bytes, path: str, files: list[str]) -> list[tuple[int, str]]:

@@ -55,7 +55,7 @@ from berkeleydb import db
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store.bdb import RACY_NS, _fail, flock_wait, get_both_styles
-from relaymilter.store.localfiles import AliasNames, SourceError, UserList, read_aliases, read_list
+from relaymilter.store.localfiles import AliasNames, SourceError, UserList, not_regular, read_aliases, read_list
 
 log = logging.getLogger("relaymilter.store.recipients")
 
@@ -212,10 +212,16 @@ class MapSource:
         if self._fd is None or self._ident != (st.st_dev, st.st_ino):
             self._close()
             try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO put in the map's place must not hang a milter thread.
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 raise self._failure(_fail(self.path, "open", exc)) from None
-            opened = os.fstat(self._fd)
+            opened = os.fstat(fd)
+            why = not_regular(opened.st_mode)
+            if why:
+                os.close(fd)
+                raise self._failure(StoreUnavailable("%s: cannot open: %s" % (self.path, why)))
+            self._fd = fd
             self._ident = (opened.st_dev, opened.st_ino)
         try:
             flock_wait(self._fd, fcntl.LOCK_SH, self.path)
