@@ -40,7 +40,9 @@ class MilterProcess:
     """relaymilter -c RUNDIR/relaymilter.yaml --socket unix:RUNDIR/m.sock"""
 
     def __init__(self, rundir: Path, settings: Optional[dict] = None, config_text: Optional[str] = None,
-                 socket_spec: Optional[str] = None, umask: Optional[int] = None) -> None:
+                 socket_spec: Optional[str] = None, umask: Optional[int] = None,
+                 wrapper: Sequence[str] = ()) -> None:
+        self.wrapper = list(wrapper)        # a command the milter runs under (setpriv ...)
         self.rundir = Path(rundir)
         self.rundir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.rundir / "relaymilter.yaml"
@@ -77,7 +79,7 @@ class MilterProcess:
             self.sock_path.unlink()
         self.logfile = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            ["relaymilter", "-c", str(self.config_path), "--socket", self.socket],
+            [*self.wrapper, "relaymilter", "-c", str(self.config_path), "--socket", self.socket],
             stdout=self.logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=None if self.umask is None else (lambda: os.umask(self.umask or 0)),
         )

@@ -163,3 +163,29 @@ def test_source_replaced_by_a_directory_tempfails_local_users_relaying_still_wor
         path.write_text(saved)
     known = "<listed@local.test>" if which == "users" else "<staff@local.test>"
     assert [r[0] for r in mta.rcpt_replies(mx.port, STRANGER, "<a@example.net>", [known])] == [250]
+
+
+def test_chmod_000_source_with_an_unprivileged_milter_tempfails_local_users(sendmail_factory):
+    """Root reads through chmod 000; a milter without the DAC capabilities (as an unprivileged
+    service user) cannot, which is the case to prove: 451 for local users, relaying unaffected."""
+    base = Path(tempfile.mkdtemp(prefix="rm-lr0-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "users").write_text("listed\n")
+    (base / "aliases").write_text("staff: alice\n")
+    settings = {"local_recipients": {"aliases": [str(base / "aliases")], "lists": [str(base / "users")]}}
+    milter = MilterProcess(base, settings,
+                           wrapper=["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]).start()
+    try:
+        mx = sendmail_factory(milter_socket="unix:%s" % milter.sock_path, local_domains=("sendmail-only.test",))
+        subprocess.run(["vsmtprelay", "-f", milter.relayers_db, "add", KNOWN_CLIENT], check=True, timeout=60)
+        assert [r[0] for r in mta.rcpt_replies(mx.port, KNOWN_CLIENT, "<a@example.net>", ["<listed@local.test>"])] == [250]
+        os.chmod(base / "users", 0)         # ctime changes: seen at the next lookup
+        got = mta.rcpt_replies(mx.port, KNOWN_CLIENT, "<a@example.net>",
+                               ["<listed@local.test>", "<bob@remote.example>", "<staff@local.test>"])
+        assert got[0] == TEMPFAIL and [r[0] for r in got[1:]] == [250, 250], got
+        milter.wait_for_log("users: cannot read: Permission denied")
+        os.chmod(base / "users", 0o644)
+        assert [r[0] for r in mta.rcpt_replies(mx.port, KNOWN_CLIENT, "<a@example.net>", ["<listed@local.test>"])] == [250]
+    finally:
+        milter.stop()
+        shutil.rmtree(base, ignore_errors=True)

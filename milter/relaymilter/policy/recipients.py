@@ -69,7 +69,9 @@ class RecipientCheck:
 
 def query(resolved: Resolved, delimiter: str = "") -> Query | None:
     """The lookup keys of a local recipient, or None for a name that is always known."""
-    local = ascii_lower(dequote(resolved.local_part))
+    local = resolved.local_part
+    # dequote walks the text character by character: only a quoted or escaped local part needs it.
+    local = ascii_lower(dequote(local) if '"' in local or "\\" in local else local)
     locals_: tuple[str, ...] = (local,)
     if delimiter:
         cut = min((i for i in (local.find(ch) for ch in delimiter) if i > 0), default=-1)

@@ -51,10 +51,8 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
-from berkeleydb import db
-
 from relaymilter.errors import StoreUnavailable
-from relaymilter.store.bdb import RACY_NS, _fail, flock_wait, get_both_styles
+from relaymilter.store.bdb import RACY_NS, _fail, db, flock_wait, get_both_styles  # db: berkeleydb or bsddb3
 from relaymilter.store.localfiles import AliasNames, SourceError, UserList, not_regular, read_aliases, read_list
 
 log = logging.getLogger("relaymilter.store.recipients")
