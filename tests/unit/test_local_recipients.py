@@ -19,7 +19,7 @@ from berkeleydb import db
 from relaymilter import replies
 from relaymilter.config import load_config
 from relaymilter.errors import ConfigError, StoreUnavailable
-from relaymilter.policy.address import Resolved
+from relaymilter.address.resolve import Resolved
 from relaymilter.policy.recipients import KNOWN, LOOKUP_FAILED, USER_UNKNOWN, Query, check, query
 from relaymilter.store import recipients as rmod
 from relaymilter.store.localfiles import SourceError, read_aliases, read_list

@@ -34,9 +34,9 @@ from typing import Optional
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
-from relaymilter.policy.address import Resolved
+from relaymilter.address.resolve import Resolved
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
-from relaymilter.policy.tokens import ascii_lower, dequote
+from relaymilter.address.tokens import ascii_lower, dequote
 
 ALWAYS_KNOWN = frozenset({"postmaster", "mailer-daemon"})
 

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from relaymilter.errors import ConfigError
-from relaymilter.policy.address import BadAddress, normalize_domain
-from relaymilter.policy.tokens import ascii_lower
+from relaymilter.address.resolve import BadAddress, normalize_domain
+from relaymilter.address.tokens import ascii_lower
 
 CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 INCLUDE = ":include:"
@@ -112,7 +112,7 @@ def _read(path: str, files: list[str], where: str = "") -> bytes:
         why = not_regular(os.fstat(fd).st_mode)
         if why:
             raise SourceError("%s: cannot read: %s" % (head, why), tuple(files))
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
