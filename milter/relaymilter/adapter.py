@@ -81,7 +81,7 @@ LOG_TEXT_MAX = 320       # characters of an address or AUTH name a log line show
 def _brackets(addr: str) -> str:
     if addr[:1] == "<" and addr[-1:] == ">":
         return addr
-    addr = addr.strip()
+    addr = addr.strip(" \t")       # SMTP's blanks only: a trailing U+00A0 is part of what was sent
     return addr if addr.startswith("<") else "<%s>" % addr
 
 

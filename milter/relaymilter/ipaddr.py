@@ -43,7 +43,7 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
     except (OSError, ValueError):
         pass
-    raw = text.strip()
+    raw = text.strip(" \t\r\n")
     if raw.startswith("[") and raw.endswith("]"):
         raw = raw[1:-1]
     if raw[:5].lower() == "ipv6:":

@@ -76,10 +76,15 @@ def r(text: str, **options: bool) -> tuple[str, str | None]:
         # literals
         ("<user@[192.0.2.1]>", "user", "[192.0.2.1]"),
         ("<user@[ 192.0.2.1 ]>", "user", "[192.0.2.1]"),
-        ("<user@[IPv6:2001:DB8:0:0::1]>", "user", "[ipv6:2001:db8::1]"),
+        # the spelling sendmail's class w compares (letter case aside), not the IP it means
+        ("<user@[IPv6:2001:DB8:0:0::1]>", "user", "[ipv6:2001:db8:0:0::1]"),
         ("<user@[ipv6:2001:db8::1]>", "user", "[ipv6:2001:db8::1]"),
-        ("<user@[IPv6:::ffff:192.0.2.1]>", "user", "[192.0.2.1]"),
-        ("<user@[2001:db8::1]>", "user", "[ipv6:2001:db8::1]"),
+        ("<user@[IPv6:::ffff:192.0.2.1]>", "user", "[ipv6:::ffff:192.0.2.1]"),
+        # trailing dots: sendmail's canonify drops them all
+        ("<user@local.test..>", "user", "local.test"),
+        ("<user@local.test...>", "user", "local.test"),
+        # only SMTP's blanks are blanks
+        ("<user@local.test\u00a0>", "user", "local.test\u00a0"),
         # SMTPUTF8
         ("<j\u00f6rg@b\u00fccher.example>", "j\u00f6rg", "b\u00fccher.example"),
         ("<J\u00d6RG@B\u00dcCHER.EXAMPLE>", "J\u00d6RG", "b\u00dccher.example"),  # ASCII folding only
@@ -211,8 +216,9 @@ def test_resolved_str_and_literal_flag() -> None:
         ("example.com.", "example.com"),
         (" example.com ", "example.com"),
         ("[192.0.2.1]", "[192.0.2.1]"),
-        ("[IPv6:2001:DB8::0:1]", "[ipv6:2001:db8::1]"),
-        ("[IPv6:::ffff:192.0.2.1]", "[192.0.2.1]"),
+        ("[IPv6:2001:DB8::0:1]", "[ipv6:2001:db8::0:1]"),
+        ("[IPv6:::ffff:192.0.2.1]", "[ipv6:::ffff:192.0.2.1]"),
+        ("example.com..", "example.com"),
         ("B\u00dcCHER.example", "b\u00dccher.example"),
     ],
 )
@@ -220,7 +226,9 @@ def test_normalize_domain(text: str, expected: str) -> None:
     assert normalize_domain(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", ".", "a..b", ".a", "a b", "[x]", "a@b", "[1.2.3.4", "a\x00b"])
+@pytest.mark.parametrize("text", ["", ".", "a..b", ".a", "a b", "[x]", "a@b", "[1.2.3.4", "a\x00b",
+                                  "[2001:db8::1]", "[::ffff:127.0.0.1]", "[127.0.0.1\u00a0]", "[\u00a0127.0.0.1]",
+                                  "[127.000.0.1]", "[IPv6:::1\u00a0]", "[IPv6:fe80::1%eth0]"])
 def test_normalize_domain_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         normalize_domain(text)

@@ -103,8 +103,13 @@ def test_notes_table_authorised_client_relays_to_the_unwrapped_address() -> None
         ("<Postmaster>", LOCAL),
         ('<"john doe"@local.test>', LOCAL),
         ("<user@[192.0.2.10]>", LOCAL),
-        ("<user@[IPv6:2001:DB8:0::10]>", LOCAL),
-        ("<user@[IPv6:::ffff:192.0.2.10]>", LOCAL),
+        ("<user@[IPv6:2001:DB8::10]>", LOCAL),
+        # sendmail's class w holds one spelling: another one (or the IPv4-mapped form) is sent
+        # out by SMTP, so it is a relay attempt here too
+        ("<user@[IPv6:2001:DB8:0::10]>", DENIED),
+        ("<user@[IPv6:::ffff:192.0.2.10]>", DENIED),
+        ("<user@local.test..>", LOCAL),
+        ("<user@local.test\u00a0>", DENIED),
         ("<user@[192.0.2.11]>", DENIED),
         ("<user@other.local.test>", DENIED),  # class w has no subdomain match
         ("<user@local.test.evil.example>", DENIED),

@@ -36,11 +36,11 @@ Stdlib only: shared by the policy core and the stores (relaymilter.address).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relaymilter.ipaddr import parse_ip
 from relaymilter.address.tokens import (
     BLANKS,
     DELIMITERS,
@@ -110,25 +110,23 @@ def _dequote_local(word: str) -> str:
 def normalize_domain(text: str) -> str:
     """Return the canonical form of a domain or ``[ip]`` literal; BadAddress if invalid.
 
-    Hostnames: blanks stripped, one trailing dot dropped, ASCII lowercase.
-    Literals: ``[192.0.2.1]``, ``[ipv6:2001:db8::1]`` (RFC 5952 form); an
-    IPv4-mapped IPv6 literal becomes the IPv4 one.  The config layer uses
-    this for local_domains and relay_domains so both sides always agree.
+    Hostnames: SMTP blanks stripped, every trailing dot dropped (sendmail's
+    canonify drops them all: ``user@local.test..`` is delivered locally),
+    ASCII lowercase. Literals keep the exact spelling sendmail's class w
+    compares, letter case aside: ``[192.0.2.1]`` (a strict dotted quad) or
+    ``[ipv6:ADDRESS]`` with ADDRESS as written. An IPv4-mapped
+    ``[IPv6:::ffff:127.0.0.1]`` is not ``[127.0.0.1]`` (sendmail sends it
+    out by SMTP), nor is ``[IPv6:0::1]`` ``[IPv6:::1]``; a literal with
+    anything else inside (an untagged IPv6 address, a non-ASCII space) is
+    refused. The config layer uses this for local_domains and relay_domains
+    so both sides always agree.
     """
     raw = clean_text(text)
     if raw.startswith("["):
         if not raw.endswith("]") or raw.count("[") != 1 or raw.count("]") != 1:
             raise BadAddress("invalid address literal")
-        inner = raw[1:-1].strip()
-        try:
-            addr = parse_ip(inner)
-        except ValueError:
-            raise BadAddress("invalid address literal %s" % _short(raw)) from None
-        if addr.version == 4:
-            return "[%s]" % addr
-        return "[ipv6:%s]" % addr
-    if raw.endswith("."):
-        raw = raw[:-1]
+        return _literal(raw)
+    raw = raw.rstrip(".")
     if not raw:
         raise BadAddress("hostname required")
     if raw.startswith(".") or ".." in raw:
@@ -136,6 +134,17 @@ def normalize_domain(text: str) -> str:
     if any(ch in DELIMITERS or ch in BLANKS or ch in '"\\' for ch in raw):
         raise BadAddress("invalid host name %s" % _short(raw))
     return ascii_lower(raw)
+
+
+def _literal(raw: str) -> str:
+    inner = raw[1:-1].strip(" \t")
+    try:
+        if inner[:5].lower() == "ipv6:" and "%" not in inner:
+            ipaddress.IPv6Address(inner[5:])       # ASCII only, no stray spaces (and no %scope, above)
+            return "[ipv6:%s]" % ascii_lower(inner[5:])
+        return "[%s]" % ipaddress.IPv4Address(inner)
+    except ValueError:
+        raise BadAddress("invalid address literal %s" % _short(raw)) from None
 
 
 def parent_domains(domain: str) -> list[str]:

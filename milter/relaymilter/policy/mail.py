@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from relaymilter import replies
-from relaymilter.address.keys import address_keys
+from relaymilter.address.keys import lookup_keys
 from relaymilter.address.resolve import BadAddress, ascii_lower, is_null, resolve
 from relaymilter.policy.decision import Continue, Decision, Reject, TempFail
 
@@ -72,4 +72,4 @@ def mail_plan(sender: str) -> SenderKeys | Decision:
         return SENDER_UNPARSED
     if resolved.domain is None:
         return SENDER_OK
-    return SenderKeys(tuple(ascii_lower(key) for key in address_keys(resolved)))
+    return SenderKeys(tuple(ascii_lower(key) for key in lookup_keys(resolved)))
