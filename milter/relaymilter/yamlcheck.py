@@ -42,17 +42,67 @@ def compose_file(path: str) -> Optional[NodeType]:
     return compose_text(data, path)
 
 
-def compose_text(data: bytes | str, source: str) -> Optional[NodeType]:
+MAX_DEPTH = 64      # nesting levels a hand-written file never needs; PyYAML recurses per level
+
+
+def _line_of(text: bytes | str, pos: int) -> int:
+    if isinstance(text, bytes):
+        return text.count(b"\n", 0, pos) + 1
+    return text.count("\n", 0, pos) + 1
+
+
+def _check_text(data: bytes | str, source: str) -> str:
+    """*data* as text; ConfigError FILE:LINE for a NUL byte or bytes that are not UTF-8."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError("%s:%d: not UTF-8 text (byte 0x%02x)"
+                              % (source, _line_of(data, exc.start), data[exc.start])) from None
+    else:
+        text = data
+    nul = text.find("\0")
+    if nul >= 0:
+        raise ConfigError("%s:%d: NUL character in the file" % (source, _line_of(text, nul)))
+    return text
+
+
+def _check_depth(text: str, source: str) -> None:
+    """ConfigError FILE:LINE where collections nest deeper than MAX_DEPTH (before PyYAML recurses)."""
+    opens = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
+             yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
+    closes = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    depth = 0
     try:
-        return yaml.compose(data, Loader=yaml.SafeLoader)
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, opens):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError("%s:%d: nested more than %d levels deep"
+                                      % (source, token.start_mark.line + 1, MAX_DEPTH))
+            elif isinstance(token, closes):
+                depth -= 1
+    except yaml.YAMLError:
+        pass        # compose() reports it, with its line
+
+
+def compose_text(data: bytes | str, source: str) -> Optional[NodeType]:
+    """The node tree of *data*; every problem a one-line ConfigError naming SOURCE:LINE."""
+    text = _check_text(data, source)
+    _check_depth(text, source)
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         raise ConfigError("%s:%d: YAML syntax error: %s" % (source, line, exc.problem or exc)) from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError("%s:%d: character %r not allowed in YAML"
+                          % (source, _line_of(text, exc.position), chr(exc.character))) from None
     except yaml.YAMLError as exc:
-        raise ConfigError("%s: YAML error: %s" % (source, exc)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("%s: not UTF-8 text" % source) from None
+        raise ConfigError("%s: YAML error: %s" % (source, str(exc).replace("\n", " "))) from None
+    except RecursionError:
+        raise ConfigError("%s: nested too deeply" % source) from None
 
 
 class Mapping:

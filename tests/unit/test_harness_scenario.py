@@ -144,7 +144,7 @@ def test_socket_from_file_or_missing(tmp_path) -> None:
      "  - name: a\n    client: 192.0.2.1\n    from: <a@b>\n    rcpts: [<b@c>]\n", 6, "duplicate session name"),
     ("sessions:\n  - name: a\n    client: 192.0.2.1\n    from:\n    rcpts: [<b@c>]\n", 4, "from must be a string"),
     ("timeout: soon\nsessions: []\n", 1, "timeout must be a number"),
-    ("sessions:\n  - name: [a\n", 3, "YAML error"),
+    ("sessions:\n  - name: [a\n", 3, "YAML syntax error"),
     ("", 1, "empty scenario file"),
 ])
 def test_errors_name_file_and_line(tmp_path, text, line, message) -> None:

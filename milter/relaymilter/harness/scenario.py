@@ -43,6 +43,8 @@ import yaml
 from relaymilter.harness.errors import ScenarioError
 from relaymilter.harness.runner import SessionResult, SessionSpec, StepResult, run_session
 from relaymilter.ipaddr import parse_ip
+from relaymilter.errors import ConfigError
+from relaymilter.yamlcheck import compose_text
 
 DEFAULT_TIMEOUT = 5.0
 _FILE_KEYS = {"socket", "timeout", "sessions"}
@@ -169,16 +171,15 @@ class _Loader:
 def load_scenarios(path: str) -> ScenarioFile:
     """Read and validate a scenario file; ScenarioError names FILE:LINE on any problem."""
     try:
-        with open(path, encoding="utf-8") as stream:
-            root = yaml.compose(stream, Loader=yaml.SafeLoader)
+        with open(path, "rb") as stream:
+            data = stream.read()
     except OSError as err:
         raise ScenarioError("%s: cannot read: %s" % (path, err.strerror or err)) from None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        raise ScenarioError("%s:%d: YAML error: %s" % (path, line, err.problem or err.context)) from None
-    except yaml.YAMLError as err:
-        raise ScenarioError("%s: YAML error: %s" % (path, err)) from None
+    try:
+        # NUL, bad UTF-8, nesting too deep, YAML syntax: one FILE:LINE line each
+        root = compose_text(data, path)
+    except ConfigError as err:
+        raise ScenarioError(str(err)) from None
     if root is None:
         raise ScenarioError("%s:1: empty scenario file" % path)
     ld = _Loader(path)
