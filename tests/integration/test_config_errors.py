@@ -45,7 +45,7 @@ def test_one_line_naming_file_and_line(tmp_path: Path, command: str, kind: str) 
     path = tmp_path / "bad.yaml"
     path.write_bytes(data)
     before, after = COMMANDS[command]
-    proc = subprocess.run([*before, str(path), *after], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([*before, str(path), *after], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode in (1, 2), (proc.returncode, err[-500:])
     assert err.count("\n") == 1, err[-2000:]
