@@ -23,7 +23,7 @@ from relaymilter.address.resolve import Resolved
 from relaymilter.policy.recipients import KNOWN, LOOKUP_FAILED, USER_UNKNOWN, Query, check, query
 from relaymilter.store import recipients as rmod
 from relaymilter.store.localfiles import SourceError, read_aliases, read_list
-from relaymilter.store.recipients import LocalRecipients, MapSource, TextSource
+from relaymilter.store.recipients import LocalRecipients, TextSource, map_source
 
 
 @pytest.fixture
@@ -242,14 +242,14 @@ def test_map_lookups_in_either_nul_style(tmp_path, settled, style, locals_, doma
         path = postmap_style(tmp_path, "virt.db", entries)
     else:
         path = makemap(tmp_path, "virt", MAP_LINES, nul=style.endswith("-N"))
-    source = MapSource(path)
+    source = map_source(path)
     assert source.knows(locals_, domain) is want
-    assert source.knows(locals_, domain) is want        # again, from the per-version answers
+    assert source.knows(locals_, domain) is want        # again, from the table read once
 
 
 def test_map_change_seen_at_the_next_lookup(tmp_path, settled):
     path = makemap(tmp_path, "virt", "alice alice\n")
-    source = MapSource(path)
+    source = map_source(path)
     assert source.knows(("alice",), "l.test") and not source.knows(("bob",), "l.test")
     makemap(tmp_path, "virt", "bob bob\n")                # makemap rewrites in place
     assert source.knows(("bob",), "l.test") and not source.knows(("alice",), "l.test")
@@ -260,21 +260,21 @@ def test_map_change_seen_at_the_next_lookup(tmp_path, settled):
 
 def test_map_unreadable_or_gone_is_unavailable(tmp_path, settled):
     path = makemap(tmp_path, "virt", "alice alice\n")
-    source = MapSource(path)
+    source = map_source(path)
     assert source.knows(("alice",), "l.test")
     good = Path(path).read_bytes()
     Path(path).write_bytes(b"not a database at all" * 300)
-    with pytest.raises(StoreUnavailable, match="read as a hash database"):
+    with pytest.raises(StoreUnavailable, match="not a hash database"):
         source.knows(("alice",), "l.test")
     os.unlink(path)
     with pytest.raises(StoreUnavailable, match="No such file"):
         source.knows(("alice",), "l.test")
     os.mkdir(path)
-    with pytest.raises(StoreUnavailable, match="Is a directory"):
+    with pytest.raises(StoreUnavailable, match="(?i)is a directory"):
         source.knows(("alice",), "l.test")
     os.rmdir(path)
     os.mkfifo(path)
-    with pytest.raises(StoreUnavailable, match="Is a FIFO"):
+    with pytest.raises(StoreUnavailable, match="(?i)is a FIFO"):
         source.knows(("alice",), "l.test")
     os.unlink(path)
     Path(path).write_bytes(good)
