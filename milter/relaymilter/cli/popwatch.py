@@ -47,6 +47,7 @@ from typing import Optional, Sequence, TextIO
 from relaymilter import __version__
 from relaymilter.cli.common import stderr_logging
 from relaymilter.config import load_config
+from relaymilter.decisionlog import printable
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.popwatch.matcher import Matcher
 from relaymilter.popwatch.patterns import PatternSet, default_pattern_file, load_patterns
@@ -55,6 +56,7 @@ from relaymilter.popwatch.recorder import DEFAULT_MAX_SESSION, Tracker
 from relaymilter.popwatch.service import Settings, Watcher
 
 PROG = "relaymilter-popwatch"
+USER_MAX = 256          # characters of a user name shown (escaped: a log line cannot forge output lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +166,8 @@ def run_test(path: str, s: Settings, patterns: PatternSet, out: TextIO) -> int:
             ip = tracker.handle(ev, now, backlog=True) if ev.ts is not None else tracker.handle(ev, now)
             if ev.kind == "login" and ip is not None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.ts)) if ev.ts is not None else "-"
-                out.write("%s  %-39s  %s%s\n" % (when, ip, ev.pattern, "  user=%s" % ev.user if ev.user else ""))
+                user = "  user=%s" % printable(ev.user, USER_MAX) if ev.user else ""
+                out.write("%s  %-39s  %s%s\n" % (when, ip, ev.pattern, user))
     st = tracker.stats + matcher.stats
     out.write("# %d lines read, %d logins (%d addresses), %d logouts, %d invalid addresses, %d in skipped networks,"
               " %d binary lines skipped, %d lines not UTF-8\n" % (

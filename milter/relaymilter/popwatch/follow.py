@@ -43,6 +43,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 import select
 import time
 from collections import Counter
@@ -215,6 +216,14 @@ class Follower:
                 t.waiting_logged = True
             return
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            # Said once, like a missing file: read() retries every poll, and an
+            # error per poll (and per inotify event) would flood the log.
+            os.close(fd)
+            if not t.waiting_logged:
+                log.error("%s is a directory, not a log file: waiting for a file there", t.path)
+                t.waiting_logged = True
+            return
         size = st.st_size
         try:
             pos = max(0, min(size, position(t.path, fd, size)))

@@ -50,6 +50,7 @@ import logging
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
+from relaymilter.decisionlog import printable
 from relaymilter.errors import StoreUnavailable
 from relaymilter.popwatch.addresses import ClientAddresses, Network
 from relaymilter.popwatch.matcher import Event
@@ -175,7 +176,8 @@ class Tracker:
             dirty(ip)
             logins += 1
             if say:
-                log.info("login from %s (%s%s%s)", ip, ev.pattern, ", user " if ev.user else "", ev.user or "")
+                log.info("login from %s (%s%s%s)", ip, ev.pattern, ", user " if ev.user else "",
+                         printable(ev.user, 256) if ev.user else "")
         if logins:
             self.stats["logins"] += logins
         if unmatched:
