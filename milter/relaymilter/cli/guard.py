@@ -106,7 +106,7 @@ def field(text: str) -> str:
 
 
 def _number(text: str, what: str, top: int) -> int:
-    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) > top:
+    if not re.fullmatch(r"[0-9]{1,12}", text) or int(text) > top:
         raise BadArgument("invalid %s value: %r (want a whole number, 0..%d)" % (what, shorten(text), top))
     return int(text)
 
