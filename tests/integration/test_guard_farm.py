@@ -137,6 +137,14 @@ def test_two_milters_on_one_redis_count_together_and_enforce_exactly(tmp_path: P
         milters[0].wait_for_log("limits=unavailable")
         assert "relaying limits not applied: counters unavailable" in milters[0].log()
         assert session(milters[1], None, 1)[0].startswith("451 4.3.0")
+        # Back on the same port: the limits apply again, and the log says how many went without.
+        again = RedisServer(tmp_path / "redis2", port=redis_server.port).start()
+        try:
+            time.sleep(1.2)                 # the store is left alone a second after a failure
+            assert session(milters[0], "erin", 2) == ["continue"] * PER_SESSION
+            milters[0].wait_for_log("relaying limits applied again")
+        finally:
+            again.stop()
     finally:
         guard.close()
         for m in milters:

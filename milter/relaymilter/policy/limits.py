@@ -36,8 +36,10 @@ DESCRIPTION
 DIAGNOSTICS
     A counter store that is down or slow (StoreUnavailable): the limits are
     not applied, the recipient passes with ``limits=unavailable`` in its log
-    line, Guard.stats counts it, one error is logged, and the store is left
-    alone for BREAKER seconds so no decision waits on it again meanwhile.
+    line, Guard.stats counts it, an error is logged when the outage starts
+    (and once a minute while it lasts, with the count), a warning when the
+    store answers again, and the store is left alone for BREAKER seconds
+    after each failure so no decision waits on it meanwhile.
     Relay permission itself is decided before and still fails closed.
 
 Stdlib only: part of the policy core (the store is handed in).
@@ -147,6 +149,9 @@ class Guard:
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._closed_until = 0.0        # breaker: the store is not asked before this (monotonic)
+        self._down_since: Optional[float] = None     # the counters have failed since then (monotonic)
+        self._down_count = 0            # stats["unavailable"] when they did
+        self._next_log = 0.0
 
     @property
     def active(self) -> bool:
@@ -161,12 +166,29 @@ class Guard:
         return True
 
     def _failed(self, exc: StoreUnavailable) -> None:
+        """Count a decision made without the limits; log the outage's start, then once a minute."""
         with self._lock:
             self.stats["unavailable"] += 1
-            if self.clock() >= self._closed_until:
+            now = self.clock()
+            if self._down_since is None:
+                self._down_since, self._down_count, self._next_log = now, self.stats["unavailable"] - 1, now + 60
                 log.error("relaying limits not applied: counters unavailable: %s (not asked again for %gs)",
                           exc, BREAKER)
-            self._closed_until = self.clock() + BREAKER
+            elif now >= self._next_log:
+                self._next_log = now + 60
+                log.error("relaying limits still not applied: counters unavailable for %.0fs, %d decisions "
+                          "without them: %s", now - self._down_since, self.stats["unavailable"] - self._down_count,
+                          exc)
+            self._closed_until = now + BREAKER
+
+    def _recovered(self) -> None:
+        """After an answer from the store: say so if it is the first since an outage."""
+        with self._lock:
+            if self._down_since is not None:
+                log.warning("relaying limits applied again: counters available after %.0fs; %d decisions went "
+                            "without them", self.clock() - self._down_since,
+                            self.stats["unavailable"] - self._down_count)
+                self._down_since = None
 
     # -- MAIL ------------------------------------------------------------------------------------
 
@@ -180,6 +202,8 @@ class Guard:
         except StoreUnavailable as exc:
             self._failed(exc)
             return Step(None, "limits=unavailable ")
+        if self._down_since is not None:
+            self._recovered()
         if held is None:
             return PASS
         return self._refuse(SUSPENDED, "user=%s " % auth, warn)
@@ -215,6 +239,8 @@ class Guard:
         except StoreUnavailable as exc:
             self._failed(exc)
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
+        if self._down_since is not None:
+            self._recovered()
         identity = txn.identity = outcome.identity
         note = _note(identity)
         if outcome.suspended is not None:
