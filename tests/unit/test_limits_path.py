@@ -184,3 +184,11 @@ def test_counter_store_unavailable_does_not_apply_limits(m: Milter_) -> None:
     stranger.mail("<a@example.net>")
     assert stranger.rcpt("<x@remote.example>") == Milter.REJECT
     assert replies.RELAYING_DENIED.text in stranger.replies[-1]
+
+
+def test_an_auth_session_without_connect_is_limited_too(m: Milter_) -> None:
+    m.configure("limits: {recipients_per_hour: 2}\n")
+    conn = Conn(m.holder, None)                     # MAIL with no CONNECT before it
+    conn.mail("<a@example.net>", "frank")
+    assert relay(conn, 3) == [Milter.CONTINUE, Milter.CONTINUE, Milter.TEMPFAIL]
+    assert "user=frank count=2 rule=recipients_per_hour" in m.log()[-1]

@@ -224,7 +224,7 @@ class Guard:
 
     def at_rcpt(self, txn: Txn, address: str, auth: Optional[str], now: float, warn: bool = False) -> Step:
         """A recipient relayed because the client authenticated or is listed in relayers.db."""
-        if not self.active or not address:
+        if not self.active or not (address or auth):
             return Step(None, _note(self.name(txn, address, auth) if address else auth))
         if not self._available():
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
@@ -232,7 +232,7 @@ class Guard:
         add = {"recipients": 1} if txn.counted else {"recipients": 1, "messages": 1}
         # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
-                            now=now, see="addresses" in self.table and not txn.seen, force=warn,
+                            now=now, see="addresses" in self.table and not txn.seen and bool(address), force=warn,
                             held=txn.identity is None)
         try:
             outcome = self.store.gate(ask)
