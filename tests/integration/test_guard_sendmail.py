@@ -90,6 +90,7 @@ def test_pop_user_limited_suspended_and_lifted(base: Path, dovecot: DovecotServe
         "local_domains": list(LOCAL),
         "popwatch": {"logfiles": [dovecot.log_path], "grace": 600, "skip_networks": ["127.0.0.1/32"]},
         "limits": {"recipients_per_hour": 100},
+        "workers": 2,
     }
     milter = MilterProcess(base, settings).start()
     watcher = ToolProcess(["relaymilter-popwatch", "-c", str(milter.config_path)])
@@ -121,7 +122,7 @@ def test_pop_user_limited_suspended_and_lifted(base: Path, dovecot: DovecotServe
         milter.write_config(settings)
         milter.hup()
         os.kill(watcher.proc.pid, signal.SIGHUP)
-        milter.wait_for_log("reloaded ")
+        wait_for("both workers to reload", lambda: milter.log().count("reloaded ") >= 2)
         wait_for("popwatch to reload", lambda: watcher.said("SIGHUP"))
         assert subprocess.run(guard + ["lift", "alice"], capture_output=True, timeout=30).returncode == 1
         pop3_login("127.0.0.8", dovecot.pop3_port)
@@ -154,7 +155,7 @@ def test_pop_user_limited_suspended_and_lifted(base: Path, dovecot: DovecotServe
 
 
 def test_warn_mode_then_sighup_enforces_from_the_next_transaction(base: Path, sendmail_factory) -> None:
-    settings = {"local_domains": list(LOCAL), "modes": {"relay": "warn"}}
+    settings = {"local_domains": list(LOCAL), "modes": {"relay": "warn"}, "workers": 2}
     milter = MilterProcess(base, settings).start()
     try:
         mx = sendmail_factory(milter_socket="unix:%s" % milter.sock_path, local_domains=LOCAL)
@@ -168,7 +169,8 @@ def test_warn_mode_then_sighup_enforces_from_the_next_transaction(base: Path, se
                                 "resolved=bob@remote.example rule=default_reject")
             milter.write_config({**settings, "modes": {"relay": "enforce"}})
             milter.hup()
-            milter.wait_for_log("reloaded ")
+            # Every worker has reloaded (the session may be on either).
+            wait_for("both workers to reload", lambda: milter.log().count("reloaded ") >= 2)
             assert smtp.docmd("RSET")[0] == 250
             assert smtp.docmd("MAIL FROM:", "<someone@example.net>")[0] == 250
             code, text = smtp.docmd("RCPT TO:", "<bob@remote.example>")
