@@ -66,3 +66,34 @@ def test_test_mode_escapes_control_characters_in_user_names(tmp_path: Path) -> N
     assert "\x1b" not in out and "\r" not in out, repr(out)
     assert "user=al\\x1b[31mice" in out and "user=bob\\rfake line" in out and "user=carol" in out, out
     assert len([line for line in out.splitlines() if not line.startswith("#")]) == 3, out
+
+
+def test_a_login_after_a_long_nul_hole_is_recorded_by_the_daemon_and_by_test(tmp_path: Path) -> None:
+    """A copy-truncate hole longer than a line (16 KB) does not hide the line written after it."""
+    log = tmp_path / "mail.log"
+    db = tmp_path / "relayers.db"
+    log.write_bytes(b"Dec  3 04:00:00 mail dovecot: master: started\n")
+    err = tmp_path / "popwatch.err"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen(["relaymilter-popwatch", "--logfile", str(log), "--dbfile", str(db),
+                                 "--pattern", "dovecot", "--grace", "600"], stdout=fh, stderr=fh)
+    try:
+        for _ in range(100):
+            if b"following" in err.read_bytes():
+                break
+            time.sleep(0.1)
+        with open(log, "ab") as fh:
+            fh.write(b"\0" * 40000 + login_line("alice", "192.0.2.77"))
+        from relaymilter.store.relayers import BDBRelayStore
+        store = BDBRelayStore(str(db))
+        for _ in range(100):
+            if db.exists() and store.lookup("192.0.2.77") is not None:
+                break
+            time.sleep(0.1)
+        assert store.lookup("192.0.2.77") is not None, err.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    out = subprocess.run(["relaymilter-popwatch", "--test", str(log), "--pattern", "dovecot"], capture_output=True,
+                         timeout=60).stdout.decode()
+    assert "192.0.2.77" in out and "user=alice" in out, out

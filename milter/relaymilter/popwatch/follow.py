@@ -43,6 +43,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import stat
 import select
 import time
@@ -58,6 +59,7 @@ MAX_LINE = 16384
 READ_SIZE = 1 << 20
 BURST_MAX = 16 << 20
 DRAIN_IDLE = 5.0
+_NULS_AT_LINE_START = re.compile(rb"\n\0+")
 SAFETY_POLL = 1.0
 FALLBACK_POLL = 0.05
 SIGNATURE = 256
@@ -98,6 +100,11 @@ class LineBuffer:
         if not self.partial and data[:1] == b"\0":
             # The hole a copy-truncate leaves when the writer does not use O_APPEND.
             data = data.lstrip(b"\0")
+        if b"\0" in data:
+            # Such a hole after a complete line: dropped before lines are measured,
+            # so the line written after it counts, however long the hole (the
+            # matcher drops leading NULs too; a NUL inside a line still marks it binary).
+            data = _NULS_AT_LINE_START.sub(b"\n", data)
         last = data.rfind(b"\n")
         if last < 0:
             self.partial += data
