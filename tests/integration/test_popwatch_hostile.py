@@ -8,12 +8,13 @@ terminal escapes).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from relaymilter.store.relayers import BDBRelayStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -84,7 +85,6 @@ def test_a_login_after_a_long_nul_hole_is_recorded_by_the_daemon_and_by_test(tmp
             time.sleep(0.1)
         with open(log, "ab") as fh:
             fh.write(b"\0" * 40000 + login_line("alice", "192.0.2.77"))
-        from relaymilter.store.relayers import BDBRelayStore
         store = BDBRelayStore(str(db))
         for _ in range(100):
             if db.exists() and store.lookup("192.0.2.77") is not None:
