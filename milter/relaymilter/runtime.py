@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Set as AbstractSet
 from typing import Optional, TypeVar, cast
 
 from relaymilter.config import Config
@@ -109,7 +109,8 @@ class Runtime:
             self.recipients = previous.recipients
         else:
             self.recipients = LocalRecipients(lr.passwd, lr.aliases, lr.lists, lr.maps)
-        self.known_recipient: Optional[Lookup] = self.recipients.lookup if self.recipients is not None else None
+        self.local_recipients: Optional[Callable[[], Lookup]] = (
+            self.recipients.transaction_lookup if self.recipients is not None else None)
         self.recipient_delimiter = lr.recipient_delimiter
         # The config is frozen per Runtime, so what an address resolves to is
         # too: memoised here, dropped with the Runtime on reload.

@@ -106,7 +106,15 @@ class MapSources:
                  known_recipient: Optional[Callable[[tuple[str, ...], Optional[str]], Optional[str]]] = None,
                  recipient_delimiter: str = "") -> None:
         self.policy = policy
-        self.known_recipient = known_recipient      # local_recipients' lookup; None: not configured
+        # local_recipients: the lookup every transaction gets (None: not configured); asked counts them.
+        self.transactions = 0
+
+        def per_transaction() -> Callable[[tuple[str, ...], Optional[str]], Optional[str]]:
+            self.transactions += 1
+            assert known_recipient is not None
+            return known_recipient
+
+        self.local_recipients = per_transaction if known_recipient is not None else None
         self.recipient_delimiter = recipient_delimiter
         self.listed = listed                # a spammers store's members(), when given
         self.entries = dict(relayers or {})

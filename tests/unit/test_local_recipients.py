@@ -447,3 +447,30 @@ def test_config_error_in_a_source_names_the_source_line(tmp_path):
 
 def test_makemap_is_installed():
     assert shutil.which("makemap"), "makemap is missing: packaging/scripts/deps.sh --test installs sendmail-bin"
+
+
+def test_snapshot_answers_as_find_does_without_file_io(tmp_path, settled):
+    lst = write(tmp_path, "users", "alice\n")
+    ali = write(tmp_path, "aliases", "staff: a\n")
+    rec = LocalRecipients(passwd=True, aliases=[ali], lists=[lst])
+    snap = rec.snapshot()
+    root = pwd.getpwuid(0).pw_name
+    for user in ("alice", "staff", root, "nobody-such"):
+        assert snap.lookup((user,), "l.test") == rec.lookup((user,), "l.test")
+    Path(lst).write_text("bob\n")
+    assert snap.lookup(("alice",), "l.test") == "list" and snap.lookup(("bob",), "l.test") is None
+    fresh = rec.snapshot()
+    assert fresh.lookup(("bob",), "l.test") == "list" and fresh.lookup(("alice",), "l.test") is None
+    os.unlink(lst)
+    broken = rec.snapshot()
+    assert broken.lookup(("staff",), "l.test") == "aliases"         # known elsewhere
+    with pytest.raises(StoreUnavailable, match="cannot read"):
+        broken.lookup(("bob",), "l.test")
+
+
+def test_snapshot_of_a_file_changed_a_moment_ago_does_not_refuse(tmp_path):
+    rec = LocalRecipients(lists=[write(tmp_path, "users", "alice\n")])
+    snap = rec.snapshot()
+    assert snap.lookup(("alice",), None) == "list"
+    with pytest.raises(StoreUnavailable, match="changed a moment ago"):
+        snap.lookup(("nobody",), None)

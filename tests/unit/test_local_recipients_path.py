@@ -74,6 +74,17 @@ def test_order(rcpt, client, auth, want, source, asked):
     assert bool(users.asked) is asked
 
 
+def test_sources_asked_for_once_per_transaction():
+    sources = MapSources(policy({"local.test"}, set()), known_recipient=Users())
+    s = session(sources)
+    for rcpt in ("<alice@local.test>", "<nobody@local.test>", "<bob@local.test>"):
+        s.rcpt(rcpt)
+    assert sources.transactions == 1
+    s.mail("<b@example.net>", None)
+    s.rcpt("<alice@local.test>")
+    assert sources.transactions == 2
+
+
 def test_unreadable_source_tempfails_local_users_only():
     sources = MapSources(policy({"local.test"}, set()), relayers={LISTED: 1_700_000_000},
                          known_recipient=Users(fail=True))
@@ -135,9 +146,12 @@ def test_replies_and_decision_lines(milter):
     assert c.rcpt(b"<nobody@local.test>") == Milter.REJECT
     (tmp_path / "users").unlink()
     (tmp_path / "users").mkdir()
+    assert c.rcpt(b"<nobody2@local.test>") == Milter.REJECT      # the sources as of this transaction
+    assert c.mail(b"<a@example.net>") == Milter.CONTINUE          # the next one sees the change
     assert c.rcpt(b"<nobody@local.test>") == Milter.TEMPFAIL
     assert c.rcpt(b"<staff@local.test>") == Milter.CONTINUE
-    assert c.replies == [("550", "5.1.1", "User unknown"), ("451", "4.3.0", "Temporary lookup failure")]
+    assert c.replies == [("550", "5.1.1", "User unknown"), ("550", "5.1.1", "User unknown"),
+                         ("451", "4.3.0", "Temporary lookup failure")]
     holder.decisions.flush()
     tag = c.connection.tag
     head = "%s: pass: RCPT from [127.0.0.1]: from=<a@example.net> " % tag
@@ -147,6 +161,9 @@ def test_replies_and_decision_lines(milter):
         head + "to=<anyone@catch.test> resolved=anyone@catch.test rule=local_domain source=map",
         "%s: reject: RCPT from [127.0.0.1]: 550 5.1.1 <nobody@local.test>: User unknown; from=<a@example.net> "
         "to=<nobody@local.test> resolved=nobody@local.test rule=unknown_recipient" % tag,
+        "%s: reject: RCPT from [127.0.0.1]: 550 5.1.1 <nobody2@local.test>: User unknown; from=<a@example.net> "
+        "to=<nobody2@local.test> resolved=nobody2@local.test rule=unknown_recipient" % tag,
+        "%s: pass: MAIL from [127.0.0.1]: from=<a@example.net> rule=sender_ok" % tag,
         "%s: tempfail: RCPT from [127.0.0.1]: 451 4.3.0 <nobody@local.test>: Temporary lookup failure; "
         "from=<a@example.net> to=<nobody@local.test> resolved=nobody@local.test rule=recipients_unavailable" % tag,
         head + "to=<staff@local.test> resolved=staff@local.test rule=local_domain source=aliases",

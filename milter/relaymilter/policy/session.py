@@ -26,7 +26,7 @@ DESCRIPTION
       1. resolution     Sources.destination(rcpt): the resolved recipient
                         and its Place, or why it cannot be parsed.
       2. local domain   Place.LOCAL -> Continue(local_domain).
-                        With local_recipients (Sources.known_recipient), the
+                        With local_recipients (Sources.local_recipients), the
                         user must be known to one of its sources first
                         (policy.recipients): an unknown user is refused 550
                         5.1.1 for every client, trusted ones included
@@ -108,8 +108,9 @@ class Sources(Protocol):
     """What a session decides with: the policy and its maps (relaymilter.runtime.Runtime)."""
 
     policy: RcptPolicy
-    # local_recipients: which source knows a local user (policy.recipients.Lookup); None: not configured.
-    known_recipient: Optional[Lookup]
+    # local_recipients: a lookup of which source knows a local user (policy.recipients.Lookup) over
+    # the sources as they are now, asked for once per transaction; None: not configured.
+    local_recipients: Optional[Callable[[], Lookup]]
     recipient_delimiter: str
 
     def destination(self, rcpt: str) -> Destination:
@@ -150,7 +151,7 @@ class Session:
     """One SMTP connection's decisions, in the order the MTA asks for them."""
 
     __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing", "guard", "modes", "txn", "warned",
-                 "note", "_cause")
+                 "note", "_cause", "_known")
 
     def __init__(self, sources: Sources, clock: Callable[[], float] = time.time) -> None:
         self.sources = sources
@@ -164,6 +165,7 @@ class Session:
         self.txn = Txn()
         self.warned: Optional[Decision] = None   # the refusal the last verdict did not make (warn mode)
         self.note = ""                      # what the last verdict's log line adds (user=...)
+        self._known: Optional[Lookup] = None     # local_recipients as of this transaction
         self._cause = ""                    # why relayers.db was unavailable, for the log line
 
     def connect(self, client: Client) -> None:
@@ -172,12 +174,14 @@ class Session:
         self.auth = None
         self.sender = "<>"
         self._standing = None
+        self._known = None
 
     def mail(self, sender: str, auth: Optional[str]) -> Decision:
         """MAIL FROM: a new transaction; refuse a sender listed in the spammers map."""
         self.sender = sender
         self.auth = auth or None
         self._standing = None
+        self._known = None
         self.txn = Txn()
         self.warned, self.note = None, ""
         current = getattr(self.sources, "current_modes", None)
@@ -212,9 +216,12 @@ class Session:
         dest = self.sources.destination(rcpt)
         place = dest.place
         if place is Place.LOCAL:
-            lookup = self.sources.known_recipient
-            if lookup is None or dest.resolved is None:
+            factory = self.sources.local_recipients
+            if factory is None or dest.resolved is None:
                 return RcptVerdict(LOCAL_DOMAIN, dest)
+            lookup = self._known
+            if lookup is None:          # the sources are checked for changes once per transaction
+                lookup = self._known = factory()
             known = check(query(dest.resolved, self.sources.recipient_delimiter), lookup)
             return RcptVerdict(self._warn(known.decision), dest, known.source)
         if place is Place.RELAY:

@@ -64,6 +64,9 @@ log = logging.getLogger("relaymilter.store.recipients")
 
 Parsed = Union[AliasNames, UserList, "MapTable"]
 Sig = tuple
+# (local parts, domain) -> the kind of the source that knows them, or None: policy.recipients.Lookup's shape
+# (the store does not import the policy core).
+Lookup = Callable[[tuple[str, ...], Optional[str]], Optional[str]]
 
 
 def _sig(path: str) -> Sig:
@@ -258,4 +261,47 @@ class LocalRecipients:
         """find()'s source kind ("passwd", "aliases", "list", "map"), for the policy core."""
         source = self.find(locals_, domain)
         return None if source is None else source.kind
+
+    def snapshot(self) -> "Snapshot":
+        """Every source as it is now, checked for changes once: what one transaction decides with."""
+        entries: list[tuple[str, Any]] = []
+        for source in self.sources:
+            if isinstance(source, PasswdSource):
+                entries.append((source.kind, source))
+                continue
+            try:
+                entries.append((source.kind, source.table()))
+            except StoreUnavailable as exc:
+                entries.append((source.kind, exc))
+        unsettled = next(("%s %s changed a moment ago; not refusing on it yet" % (s.kind, s.path)
+                          for s in self.sources if s.unsettled()), "")
+        return Snapshot(tuple(entries), unsettled)
+
+    def transaction_lookup(self) -> Lookup:
+        """snapshot().lookup: the milter asks for one per transaction (policy.session)."""
+        return self.snapshot().lookup
+
+
+class Snapshot:
+    """The sources' tables as of one moment; lookups do no file I/O (passwd still asks NSS)."""
+
+    __slots__ = ("entries", "unsettled")
+
+    def __init__(self, entries: tuple[tuple[str, Any], ...], unsettled: str) -> None:
+        self.entries = entries          # (kind, table | PasswdSource | the StoreUnavailable it raised)
+        self.unsettled = unsettled      # why a miss may not be trusted yet, or ""
+
+    def lookup(self, locals_: tuple[str, ...], domain: Optional[str]) -> Optional[str]:
+        """The kind of the first source that knows the user, None; StoreUnavailable as LocalRecipients.find."""
+        failure: Optional[StoreUnavailable] = None
+        for kind, table in self.entries:
+            if type(table) is StoreUnavailable:
+                failure = failure or table
+            elif table.knows(locals_, domain):
+                return kind
+        if failure is not None:
+            raise failure
+        if self.unsettled:
+            raise StoreUnavailable(self.unsettled)
+        return None
 
