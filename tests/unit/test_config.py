@@ -211,3 +211,16 @@ def test_mta_postfix_refuses_add_host_names_and_unknown_mta(tmp_path):
         load_config(write(tmp_path, "mta: postfix\nadd_host_names: true\n"))
     with pytest.raises(ConfigError, match=r"c.yaml:1: mta: must be one of sendmail, postfix"):
         load_config(write(tmp_path, "mta: exim\n"))
+
+
+def test_a_config_travels_to_the_workers_intact():
+    # The supervisor sends each reload to its workers pickled (relaymilter.worker.frame): every
+    # section must survive the trip unchanged.
+    import pickle
+
+    from relaymilter.worker import frame
+
+    for name in ("relaymilter.sample.yaml", "default.yaml"):
+        config = load_config(str(rules_dir() / name))
+        assert pickle.loads(pickle.dumps(config)) == config
+        assert len(frame(config)) > 4
