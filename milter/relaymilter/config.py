@@ -56,13 +56,14 @@ TOP_KEYS = (
     "socket", "workers", "log", "log_level", "mta", "local_domains", "local_domains_file", "add_host_names",
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
-    "limits", "modes",
-    "local_recipients",
+    "limits", "modes", "local_recipients", "metrics",
 )
 RELAYERS_KEYS = ("path", "url", "window")
 SPAMMERS_KEYS = ("source", "path")
 POPWATCH_KEYS = ("logfiles", "patterns", "pattern_file", "grace", "max_session", "skip_networks", "readback", "write",
                  "flock")
+METRICS_KEYS = ("listen", "popwatch_listen")
+LISTEN_RE = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]]+)):(\d{1,5})$")
 DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
 
 
@@ -98,6 +99,12 @@ class PopwatchConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: Optional[tuple[str, int]] = None           # (host, port) of the milter's endpoint; None = off
+    popwatch_listen: Optional[tuple[str, int]] = None  # the same for relaymilter-popwatch
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     socket: str = DEFAULT_SOCKET
@@ -119,6 +126,7 @@ class Config:
     limits: Optional[Limits] = None                 # None = no relaying limits
     modes: Modes = ENFORCE_ALL
     local_recipients: LocalRecipientsConfig = field(default_factory=LocalRecipientsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def rules_dir() -> Path:
@@ -299,6 +307,24 @@ def parse_workers(value: object) -> Optional[int]:
     return value
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` as (host, port); ValueError with the reason."""
+    m = LISTEN_RE.match(text.strip())
+    if not m or int(m.group(3)) > 65535:
+        raise ValueError("want HOST:PORT or [IPV6]:PORT (e.g. 127.0.0.1:9464), got %r" % text)
+    return (m.group(1) or m.group(2), int(m.group(3)))
+
+
+def _listen(m: Mapping, key: str) -> Optional[tuple[str, int]]:
+    text = m.str(key, None, nullable=True)
+    if text is None:
+        return None
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise m.err(key, str(exc)) from None
+
+
 def load_config(path: Optional[str] = None) -> Config:
     """Read and validate the configuration (see find_config for which file)."""
     source = find_config(path)
@@ -375,6 +401,12 @@ def load_config(path: Optional[str] = None) -> Config:
         flock=pw.bool("flock", True),
     )
 
+    mx = top.sub("metrics")
+    mx.check_keys(METRICS_KEYS, "metrics key")
+    metrics = MetricsConfig(listen=_listen(mx, "listen"), popwatch_listen=_listen(mx, "popwatch_listen"))
+    if metrics.listen is not None and metrics.listen == metrics.popwatch_listen:
+        raise mx.err("popwatch_listen", "the milter and the watcher cannot listen on the same address")
+
     return Config(
         source=source,
         socket=socket_spec,
@@ -396,4 +428,5 @@ def load_config(path: Optional[str] = None) -> Config:
         limits=parse_limits(top),
         modes=parse_modes(top),
         local_recipients=load_local_recipients(top),
+        metrics=metrics,
     )

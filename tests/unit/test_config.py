@@ -64,6 +64,7 @@ def test_sample_documents_every_key_and_only_real_keys():
     schema |= {"popwatch.%s" % k for k in cfgmod.POPWATCH_KEYS}
     schema |= {"limits.%s" % k for k in LIMITS_KEYS} | {"modes.%s" % k for k in FAMILIES}
     schema |= {"local_recipients.%s" % k for k in cfgmod.LOCAL_RECIPIENTS_KEYS}
+    schema |= {"metrics.%s" % k for k in cfgmod.METRICS_KEYS}
     assert sample_keys() == schema
 
 

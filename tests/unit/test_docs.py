@@ -107,7 +107,7 @@ def test_man_page_names_every_option(name):
 
 # --- configuration keys: sample == relaymilter.yaml(5) == schema ---------------------------
 
-NESTED = ("relayers", "spammers", "popwatch", "limits", "modes", "local_recipients")
+NESTED = ("relayers", "spammers", "popwatch", "limits", "modes", "local_recipients", "metrics")
 
 
 def sample_keys() -> set[str]:
@@ -136,7 +136,7 @@ def schema_keys() -> set[str]:
     keys = set(rconfig.TOP_KEYS)
     for parent, subs in (("relayers", rconfig.RELAYERS_KEYS), ("spammers", rconfig.SPAMMERS_KEYS),
                          ("popwatch", rconfig.POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES),
-                         ("local_recipients", rconfig.LOCAL_RECIPIENTS_KEYS)):
+                         ("local_recipients", rconfig.LOCAL_RECIPIENTS_KEYS), ("metrics", rconfig.METRICS_KEYS)):
         keys.update("%s.%s" % (parent, s) for s in subs)
     return keys
 

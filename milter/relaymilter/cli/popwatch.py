@@ -49,6 +49,7 @@ from relaymilter.cli.common import stderr_logging
 from relaymilter.config import load_config
 from relaymilter.decisionlog import printable
 from relaymilter.errors import ConfigError, StoreUnavailable
+from relaymilter.metrics import MetricsError
 from relaymilter.popwatch.matcher import Matcher
 from relaymilter.popwatch.patterns import PatternSet, default_pattern_file, load_patterns
 from relaymilter.popwatch.readback import read_file
@@ -121,6 +122,7 @@ def resolve(opts: argparse.Namespace) -> tuple[Settings, PatternSet]:
         config=cfg.source,
         limits=cfg.limits,
         limits_warn="limits" in cfg.modes.warn,
+        metrics_listen=cfg.metrics.popwatch_listen,
     )
     return settings, patterns
 
@@ -139,6 +141,7 @@ def dump_settings(s: Settings, out: TextIO) -> None:
         ("readback", yes[s.readback]),
         ("write", yes[s.write]),
         ("flock", "yes (always)"),
+        ("metrics", "%s:%d" % s.metrics_listen if s.metrics_listen else "off"),
         ("version", __version__),
     ]
     for key, value in rows:
@@ -209,7 +212,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return settings, patterns
             return resolve(opts)
 
-        return Watcher(load).run()
+        watcher = Watcher(load)
+        if settings.metrics_listen is None:
+            return watcher.run()
+        from relaymilter.metrics.popwatch import serve_watcher
+
+        endpoint = serve_watcher(watcher, settings.metrics_listen)
+        log.info("metrics on %s", endpoint.url)
+        try:
+            return watcher.run()
+        finally:
+            endpoint.stop()
+    except MetricsError as exc:
+        err.write("%s: error: %s\n" % (PROG, exc))
+        return 1
     except ConfigError as exc:
         err.write("%s: error: %s\n" % (PROG, exc))
         return 2

@@ -39,7 +39,8 @@ DIAGNOSTICS
     StoreUnavailable from the store is logged; the writes are kept and
     retried after RETRY seconds, expiry likewise. Counters in Tracker.stats:
     logins, logouts, invalid_ip, skipped_local, undated, too_old,
-    unmatched_logouts, written, expired, kept_changed, abandoned_sessions.
+    unmatched_logouts, written, expired, kept_changed, abandoned_sessions,
+    store_errors.
 """
 
 from __future__ import annotations
@@ -281,6 +282,7 @@ class Tracker:
                     self._map_size += sum(1 for ip in todo if stored.get(ip) is None)
         except StoreUnavailable as exc:
             log.error("cannot write relayers map: %s (retrying in %gs)", exc, RETRY)
+            self.stats["store_errors"] += 1
             for ip, (stamp, kind) in writes.items():
                 self._queue(ip, stamp, kind)
             self._retry_at = now + RETRY
@@ -367,6 +369,7 @@ class Tracker:
                 removed = self.store.delete_if_unchanged(theirs)
             except StoreUnavailable as exc:
                 log.error("cannot expire entries in relayers map: %s (retrying in %gs)", exc, RETRY)
+                self.stats["store_errors"] += 1
                 self._retry_at = now + RETRY
                 for ip in due:
                     heapq.heappush(heap, (self._retry_at, ip))

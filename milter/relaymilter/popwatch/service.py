@@ -74,6 +74,7 @@ class Settings:
     config: str = ""
     limits: Optional[Limits] = None         # relaying limits (addresses_per_hour is applied at login)
     limits_warn: bool = False
+    metrics_listen: Optional[tuple[str, int]] = None    # (host, port) of the metrics endpoint; None = off
 
     def readback_window(self, patterns: PatternSet) -> int:
         sessions = any(p.tracks_sessions for p in patterns.patterns)
@@ -105,6 +106,10 @@ class Watcher:
         self.follower = Follower(self.settings.logfiles, use_inotify=use_inotify)
         self._cutoff: Optional[float] = None
         self._flushed = 0.0         # monotonic time of the last flush
+        # Read by the metrics endpoint's thread (relaymilter.metrics.popwatch).
+        self.lines_read = 0
+        self.caught_up_at = time.time()     # when every log was last read to its end
+        self.config_reloads = {"ok": 0, "failed": 0}
 
     def _open_store(self, settings: Settings) -> Optional[RelayStore]:
         if not settings.write:
@@ -200,12 +205,14 @@ class Watcher:
 
     def _feed(self, block: bytes, now: float, backlog: bool) -> None:
         since = self._cutoff if backlog else None
+        self.lines_read += block.count(b"\n")
         events = self.matcher.scan(block, now)
         if events and isinstance(self.store, LoginGuard):
             self.store.note(events)
         self.tracker.handle_all(events, now, backlog, since)
 
     def _step(self, read: bool = True, final: bool = False) -> None:
+        started = time.time()
         chunks = self.follower.read() if read else []
         # A burst makes hundreds of thousands of short-lived objects (matches, events, heap
         # entries) and no cycles; the collector would otherwise run hundreds of times over the
@@ -226,6 +233,8 @@ class Watcher:
         finally:
             if collecting:
                 gc.enable()
+        if read and not self.follower.behind:
+            self.caught_up_at = started
         if chunks or final or self._stop.is_set():
             return
         nxt = self.tracker.next_due()
@@ -243,6 +252,7 @@ class Watcher:
             settings, patterns = self._load()
         except ConfigError as exc:
             log.error("reload failed, keeping the running settings: %s", exc)
+            self.config_reloads["failed"] += 1
             return
         if settings.dbfile != self.settings.dbfile or settings.write != self.settings.write:
             self.tracker.flush(time.time())
@@ -250,12 +260,15 @@ class Watcher:
                 store = self._open_store(settings)
             except (StoreUnavailable, ValueError) as exc:
                 log.error("reload: cannot open %s: %s; keeping the running settings", settings.dbfile, exc)
+                self.config_reloads["failed"] += 1
                 return
             if self.store is not None:
                 self.store.close()
             self.store = store
+            stats = self.tracker.stats          # the counts go on (the metrics are counters)
             self.tracker = Tracker(store, settings.grace, settings.max_session, settings.skip_networks,
                                    settings.write)
+            self.tracker.stats = stats
         else:
             self.tracker.configure(settings.grace, settings.max_session, settings.skip_networks)
         if patterns.patterns != self.patterns.patterns:
@@ -271,6 +284,7 @@ class Watcher:
         if isinstance(self.store, LoginGuard):
             self.store.limits, self.store.warn = settings.limits, settings.limits_warn
         self.settings, self.patterns = settings, patterns
+        self.config_reloads["ok"] += 1
 
     def summary(self) -> str:
         counts = self.tracker.stats + self.matcher.stats + self.follower.stats

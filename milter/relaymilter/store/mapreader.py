@@ -66,6 +66,11 @@ class MapReader:
         self._trusted = False
         self._cache: Optional[tuple[tuple, dict]] = None
         self._missing_logged = False
+        # For the metrics (relaymilter.metrics.milter), read by another thread:
+        self.reloads = 0            # the file opened afresh: first use, or a new version of it
+        self.lookup_errors = 0      # lookups that raised StoreUnavailable
+        self._opened: Optional[tuple] = None     # the signature of the version last opened
+        self._errors_lock = threading.Lock()
 
     def close(self) -> None:
         with self._mutex:
@@ -107,6 +112,15 @@ class MapReader:
             hit = cache[1].get(token, _MISS)
             if hit is not _MISS:
                 return hit
+        try:
+            return self._lookup(token, key_of, convert, st)
+        except StoreUnavailable:
+            with self._errors_lock:
+                self.lookup_errors += 1
+            raise
+
+    def _lookup(self, token: Hashable, key_of: Callable[[Any], bytes],
+                convert: Callable[[Optional[bytes]], Any], st: Optional[os.stat_result]) -> Any:
         deadline = time.monotonic() + READ_WAIT
         if not self._mutex.acquire(timeout=READ_WAIT):
             raise StoreUnavailable("%s: lock not obtained in %d ms (behind another lookup)"
@@ -168,6 +182,9 @@ class MapReader:
                     raise _fail(self.path, "read as a hash database", exc) from None
                 self._handle = handle
                 self._sig = sig
+                if sig != self._opened:
+                    self._opened = sig
+                    self.reloads += 1
                 # A future mtime was set by advance_mtime(): the next write moves it again.
                 self._trusted = abs(time.time_ns() - st.st_mtime_ns) > RACY_NS
             try:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, cast
 
@@ -183,6 +184,8 @@ class RedisRelayStore:
         self._sentinel: Optional[Sentinel] = None
         self._replica: Optional[redis.Redis] = None
         self._degraded = False
+        self._errors_lock = threading.Lock()
+        self.lookup_errors = 0          # lookups that raised StoreUnavailable: for the metrics
         kwargs = dict(self.spec.connection, retry=_no_retry())
         if self.spec.service is not None:
             sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
@@ -255,6 +258,14 @@ class RedisRelayStore:
     # -- RelayStore ---------------------------------------------------------------------
 
     def lookup(self, ip: str) -> Optional[int]:
+        try:
+            return self._lookup(ip)
+        except StoreUnavailable:
+            with self._errors_lock:
+                self.lookup_errors += 1
+            raise
+
+    def _lookup(self, ip: str) -> Optional[int]:
         key = self._key(ip)
         try:
             raw = self._run("read", lambda c: self._lookups.get(key))

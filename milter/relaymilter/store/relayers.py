@@ -88,6 +88,14 @@ class BDBRelayStore:
         self.location = os.path.expanduser(path)
         self._reader = MapReader(self.location, "relayers map")
 
+    @property
+    def reloads(self) -> int:
+        return self._reader.reloads
+
+    @property
+    def lookup_errors(self) -> int:
+        return self._reader.lookup_errors
+
     def lookup(self, ip: str) -> Optional[int]:
         # Cached per file version under the address as given (see MapReader.get_as).
         return self._reader.get_as(ip, _db_key, _ticks_or_none)

@@ -283,6 +283,8 @@ class SpammersMap:
         self._mutex = threading.Lock()
         self._good: Optional[_Snapshot] = None      # the last list read whole
         self._bad: Optional[_Snapshot] = None       # the file as last found unreadable
+        self.reloads = 0            # the list in use replaced by a newly read one: for the metrics
+        self.lookup_errors = 0      # lookups that raised StoreUnavailable (no good list)
 
     def contains(self, key: str) -> bool:
         """Whether *key* is listed; ASCII letters compare caseless, as in sendmail and makemap."""
@@ -347,12 +349,17 @@ class SpammersMap:
 
     def _keys(self) -> frozenset:
         sig = self._stat()
-        keys = self._cached(sig)            # the fast path takes no lock
-        if keys is not None:
-            return keys
-        with self._mutex:
-            keys = self._cached(sig)        # another thread may have just read it
-            return keys if keys is not None else self._reload(sig)
+        try:
+            keys = self._cached(sig)            # the fast path takes no lock
+            if keys is not None:
+                return keys
+            with self._mutex:
+                keys = self._cached(sig)        # another thread may have just read it
+                return keys if keys is not None else self._reload(sig)
+        except StoreUnavailable:
+            with self._mutex:
+                self.lookup_errors += 1
+            raise
 
     def _reload(self, sig: Optional[Signature]) -> frozenset:
         good, bad = self._good, self._bad
@@ -381,5 +388,7 @@ class SpammersMap:
                 log.info("spammers list %s does not exist: treating it as empty", self.path)
         elif good is None or good.sig != snap.sig:
             log.info("spammers list %s loaded: %d entries", self.path, len(snap.keys))
+        if good is None or good.sig != snap.sig:
+            self.reloads += 1
         self._good = snap
         return snap.keys
