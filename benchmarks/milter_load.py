@@ -3,6 +3,7 @@
 
     python3 benchmarks/milter_load.py [--concurrency 8] [--seconds 10] [--entries 100000]
                                       [--procs 1] [--rounds 6] [--warmup 3] [--quiet-variant]
+                                      [--metrics-variant]
                                       [--writes N]
 
 Method: both milters run as real processes on unix sockets: relaymilter through
@@ -57,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=6, help="alternating rounds per milter (default 6)")
     p.add_argument("--warmup", type=float, default=3.0,
                    help="unmeasured seconds of load per milter before the rounds (default 3; see the notes)")
+    p.add_argument("--metrics-variant", action="store_true",
+                   help="also run relaymilter with Prometheus metrics on (a free loopback port), to show "
+                        "their cost; its endpoint is scraped at the end as a check that it counted")
     p.add_argument("--quiet-variant", action="store_true",
                    help="also run relaymilter with log_level: warning, to show the cost of the decision log")
     p.add_argument("--writes", type=float, default=0.0, metavar="N",
@@ -227,6 +232,8 @@ def start_milters(work: Path, opts: argparse.Namespace, running: list) -> Dict[s
     variants: List[Tuple[str, dict]] = [("relaymilter", {})]
     if opts.quiet_variant:
         variants.append(("relaymilter-quiet", {"log_level": "warning"}))
+    if opts.metrics_variant:
+        variants.append(("relaymilter-metrics", {"metrics": {"listen": "127.0.0.1:0"}}))
     sock = work / "minimal.sock"
     minimal = subprocess.Popen([sys.executable, str(HERE / "minimal_milter.py"), "--socket", "unix:%s" % sock],
                                stdin=subprocess.DEVNULL)
@@ -289,6 +296,18 @@ class Writer:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._proc.join(10)
+
+
+def scraped_decisions(log: Path) -> int:
+    """relaymilter_decisions_total summed, from the endpoint the milter's log names."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = log.read_text().split("metrics on ", 1)[1].split()[0]
+    time.sleep(1.5)             # the workers hand their counts over once a second
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return int(sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == "relaymilter_decisions_total"))
 
 
 def report(figures: Dict[str, Figures], procs: int) -> None:
@@ -362,6 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             run_round(*milters[other], opts, REWARM, Figures(), errors)
                 figures[name].add(one)
                 per_round[name].append(one.sessions / one.seconds)
+        if "relaymilter-metrics" in milters:
+            counted = scraped_decisions(work / "relaymilter-metrics" / "milter.log")
     finally:
         for proc in reversed(running):
             if isinstance(proc, MilterProcess):
@@ -373,6 +394,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ratios = [a / b for a, b in zip(per_round["relaymilter"], per_round["minimal"])]
     print("relaymilter/minimal per round, in order: %s; median %.2f"
           % (" ".join("%.2f" % x for x in ratios), sorted(ratios)[len(ratios) // 2]))
+    if "relaymilter-metrics" in figures:
+        on, off = figures["relaymilter-metrics"], figures["relaymilter"]
+        ratios = [a / b for a, b in zip(per_round["relaymilter-metrics"], per_round["relaymilter"])]
+        print("metrics on/off sessions/s per round: %s; median %.2f; milter CPU per session %.0f us on, %.0f us off"
+              % (" ".join("%.2f" % x for x in ratios), sorted(ratios)[len(ratios) // 2],
+                 on.milter_cpu / max(1, on.sessions) * 1e6, off.milter_cpu / max(1, off.sessions) * 1e6))
+        print("relaymilter-metrics: its endpoint counted %d decisions (at least %d were made in the measured rounds)"
+              % (counted, 4 * on.sessions))
     if writer is not None:
         w = figures["relaymilter+writes"]
         print("relaymilter+writes: relayers.db written %d times (%.1f/s) during its rounds; %.2fx the minimal "
