@@ -54,6 +54,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Optional
 
 import Milter
@@ -76,6 +77,7 @@ _WANTED = (Milter.P_NOCONNECT | Milter.P_NOMAIL | Milter.P_NORCPT | Milter.P_NOD
            | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA)
 _INTERNAL = TempFail(replies.INTERNAL_ERROR, "internal_error")
 LOG_TEXT_MAX = 320       # characters of an address or AUTH name a log line shows
+_clock = time.perf_counter
 
 
 def _brackets(addr: str) -> str:
@@ -97,13 +99,14 @@ def _macro(ctx: Any, name: str) -> Optional[str]:
 class Connection:
     """One SMTP connection as seen through the milter protocol."""
 
-    __slots__ = ("ctx", "rt", "session", "note", "tag", "client_text", "broken", "protocol")
+    __slots__ = ("ctx", "rt", "session", "note", "tally", "tag", "client_text", "broken", "protocol")
 
     def __init__(self, holder: RuntimeHolder, ctx: Any) -> None:
         self.ctx = ctx
         self.rt = holder.current
         self.session = Session(self.rt)
         self.note: Optional[Callable[[str], None]] = holder.decisions.append   # None: not logged
+        self.tally = holder.tally           # the metrics' counters (relaymilter.metrics.milter); None: off
         self.tag = "%06X" % next(_ids)      # the connection id as logged
         self.client_text = UNKNOWN_CLIENT.text
         self.broken = False                 # connect failed: every later step tempfails
@@ -156,21 +159,22 @@ class Connection:
             return self._internal_error("envfrom")
 
     def rcpt(self, to: str) -> int:
+        started = _clock() if self.tally is not None else 0.0
         try:
             rcpt = _brackets(to)
             if self.broken:
-                return self._answer("RCPT", _INTERNAL, rcpt, "")
+                return self._answer("RCPT", _INTERNAL, rcpt, "", started)
             verdict = self.session.rcpt(rcpt)
             extra = verdict.destination.detail + self.session.note
-            if verdict.source is None:
-                return self._answer("RCPT", verdict.decision, rcpt, extra)
-            return self._answer("RCPT", verdict.decision, rcpt, extra, verdict.source)
+            return self._answer("RCPT", verdict.decision, rcpt, extra, started, verdict.source)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
-            return self._internal_error("envrcpt")
+            return self._internal_error("envrcpt", started)
 
-    def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str,
+    def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str, started: float = 0.0,
                 source: Optional[str] = None) -> int:
-        """Log the decision and turn it into setreply() + a pymilter return code."""
+        """Log and count the decision and turn it into setreply() + a pymilter return code."""
+        if self.tally is not None:
+            self.tally.decided(stage, decision, started, None if self.broken else self.session.warned)
         if type(decision) is Continue:
             if self.note is not None:
                 warned = self.session.warned
@@ -218,10 +222,12 @@ class Connection:
             self.note(_REFUSE_RCPT % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
                                       shown, reply.text, sender, shown, extra, rule))
 
-    def _internal_error(self, stage: str) -> int:
+    def _internal_error(self, stage: str, started: float = 0.0) -> int:
         """The fail-closed answer: log the traceback, 451 4.3.0, TEMPFAIL."""
         log.exception("%s: internal error in %s from %s; answering %s", self.tag, stage,
                       self.client_text, replies.INTERNAL_ERROR)
+        if self.tally is not None:
+            self.tally.decided("RCPT" if stage == "envrcpt" else "MAIL", _INTERNAL, started)
         try:
             reply = replies.INTERNAL_ERROR
             self.ctx.setreply(reply.code, reply.xcode, reply.text)

@@ -62,6 +62,7 @@ from typing import Optional, TypeVar, cast
 
 from relaymilter.config import Config
 from relaymilter.decisionlog import DecisionLog, logging_sink
+from relaymilter.metrics.milter import Tally
 from relaymilter.policy.decision import Decision
 from relaymilter.policy.limits import Guard
 from relaymilter.policy.limits import Store as GuardStoreView  # the part of the guard store the policy uses
@@ -181,6 +182,7 @@ class RuntimeHolder:
         self._runtime = runtime
         self._lock = threading.Lock()
         self.decisions = decisions if decisions is not None else DecisionLog(logging_sink(log))
+        self.tally: Optional[Tally] = None      # the metrics' counters, when metrics are on
 
     @property
     def current(self) -> Runtime:

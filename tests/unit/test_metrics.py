@@ -75,14 +75,15 @@ def samples(metric: Any) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in metric.collect() for s in fam.samples}
 
 
-def test_a_batch_flushed_is_what_observe_would_have_made() -> None:
+def test_a_batch_flushed_is_what_observe_would_have_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mm, "_clock", lambda: 0.0)
     values = [3e-6, 1e-5, 1.1e-5, 4e-4, 0.0009, 0.02, 0.3, 2.5, 1e-5]
     one_by_one = Histogram("a_seconds", "a", buckets=mm.BUCKETS, registry=None)
     for v in values:
         one_by_one.observe(v)
     tally = mm.Tally()
     for v in values:
-        tally.rcpt(Continue("x"), v)
+        tally.decided("RCPT", Continue("x"), -v)
     _, buckets, total, _ = tally.snapshot()
     batched = Histogram("a_seconds", "a", buckets=mm.BUCKETS, registry=None)
     mm._observe_many(batched, buckets, total)
@@ -101,18 +102,19 @@ class Store:
 
 def test_worker_flush_adds_only_what_is_new(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(mm.MULTIPROC_ENV, str(tmp_path))
+    monkeypatch.setattr(mm, "_clock", lambda: 0.0)
     tally = mm.Tally()
     stores = {"relayers": Store(), "spammers": Store()}
     w = mm.WorkerMetrics(tally, lambda: stores)
     denied = Reject(RELAYING_DENIED, "default_reject")
-    tally.mail(Continue("sender_ok"))
-    tally.rcpt(denied, 2e-5)
-    tally.rcpt(denied, 3e-5)
+    tally.decided("MAIL", Continue("sender_ok"), 0.0)
+    tally.decided("RCPT", denied, -2e-5)
+    tally.decided("RCPT", denied, -3e-5)
     tally.config_reload(True)
     stores["relayers"].reloads = 2
     w.flush()
     w.flush()           # nothing new: nothing added
-    tally.rcpt(TempFail(RELAYING_DENIED, "relayers_unavailable"), 0.5)
+    tally.decided("RCPT", TempFail(RELAYING_DENIED, "relayers_unavailable"), -0.5)
     stores["relayers"].lookup_errors = 1
     stores["relayers"] = Store()        # a reload opened another map: its counts start at 0
     stores["relayers"].reloads = 1

@@ -45,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from relaymilter.metrics import Endpoint, MetricsError, serve
@@ -57,11 +58,11 @@ FLUSH_EVERY = 1.0
 # relayers.db tens, one stuck behind a lock or a slow Redis up to its timeout.
 BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0)
 MAPS = ("relayers", "spammers")
+_clock = time.perf_counter
 
 
-def verdict(decision: Any) -> str:
-    """The verdict label of a decision value: its class name in lower case (continue, reject, tempfail)."""
-    return type(decision).__name__.lower()
+class _WARN:
+    """The verdict of a refusal made in warn mode: logged as "would reject", answered as a pass."""
 
 
 class Tally:
@@ -74,22 +75,25 @@ class Tally:
         self._seconds = 0.0
         self._reloads = {"ok": 0, "failed": 0}
 
-    def mail(self, decision: Any) -> None:
-        """Count one MAIL FROM decision."""
-        key = ("mail", type(decision), decision.rule)
-        with self._lock:
-            counts = self._decisions
-            counts[key] = counts.get(key, 0) + 1
+    def decided(self, stage: str, decision: Any, started: float, warned: Any = None) -> None:
+        """Count one decision at *stage* (MAIL or RCPT); a RCPT's time runs from *started* (perf_counter).
 
-    def rcpt(self, decision: Any, seconds: float) -> None:
-        """Count one RCPT TO decision that took *seconds*."""
-        key = ("rcpt", type(decision), decision.rule)
-        i = bisect.bisect_left(BUCKETS, seconds)        # the first bucket with seconds <= its bound
-        with self._lock:
-            counts = self._decisions
-            counts[key] = counts.get(key, 0) + 1
-            self._buckets[i] += 1
-            self._seconds += seconds
+        *warned*: the refusal a rule in warn mode did not make (the decision
+        is then a pass); it is counted as verdict ``warn`` under its own rule.
+        """
+        key = (stage.lower(), type(decision) if warned is None else _WARN, (decision if warned is None else warned).rule)
+        if stage == "RCPT":
+            seconds = _clock() - started
+            i = bisect.bisect_left(BUCKETS, seconds)        # the first bucket with seconds <= its bound
+            with self._lock:
+                counts = self._decisions
+                counts[key] = counts.get(key, 0) + 1
+                self._buckets[i] += 1
+                self._seconds += seconds
+        else:
+            with self._lock:
+                counts = self._decisions
+                counts[key] = counts.get(key, 0) + 1
 
     def config_reload(self, ok: bool) -> None:
         with self._lock:
@@ -161,6 +165,7 @@ class WorkerMetrics:
                 key = (stage, kind, rule)
                 new = n - self._done.get(key, 0)
                 if new:
+                    # The verdict label is the decision's class: continue, reject, tempfail.
                     self._decisions.labels(stage, kind.__name__.lower(), rule).inc(new)
                     self._done[key] = n
             for result, n in reloads.items():
