@@ -134,7 +134,8 @@ class WorkerMetrics:
             self._reloads.labels(name)
         for result in ("ok", "failed"):
             self._config.labels(result)
-        self._done: dict[Any, int] = {}           # what has been flushed, per key
+        self._done: dict[tuple[str, type, str], int] = {}      # the decisions flushed so far, per key
+        self._reloads_done = {"ok": 0, "failed": 0}
         self._buckets_done = [0] * (len(BUCKETS) + 1)
         self._seconds_done = 0.0
         self._store_done: dict[tuple[str, str], tuple[Any, int]] = {}
@@ -161,18 +162,17 @@ class WorkerMetrics:
         """Add everything counted since the last flush to the metric files."""
         with self._flush_lock:
             decisions, buckets, seconds, reloads = self.tally.snapshot()
-            for (stage, kind, rule), n in decisions.items():
-                key = (stage, kind, rule)
+            for key, n in decisions.items():
                 new = n - self._done.get(key, 0)
                 if new:
+                    stage, kind, rule = key
                     # The verdict label is the decision's class: continue, reject, tempfail.
                     self._decisions.labels(stage, kind.__name__.lower(), rule).inc(new)
                     self._done[key] = n
             for result, n in reloads.items():
-                new = n - self._done.get(result, 0)
-                if new:
-                    self._config.labels(result).inc(new)
-                    self._done[result] = n
+                if n > self._reloads_done[result]:
+                    self._config.labels(result).inc(n - self._reloads_done[result])
+                    self._reloads_done[result] = n
             added = [n - done for n, done in zip(buckets, self._buckets_done)]
             if any(added):
                 _observe_many(self._latency, added, seconds - self._seconds_done)
