@@ -40,6 +40,7 @@ NEEDS = {
     "relaymilter --check-config (file store)": {"PyYAML"},
     "relaymilter --check-config (Redis store)": {"PyYAML", "redis"},
     "relaymilter (serve)": {"PyYAML", "pymilter", "berkeleydb"},
+    "relaymilter (serve, metrics)": {"PyYAML", "pymilter", "berkeleydb", "prometheus_client"},
     "vsmtprelay add (file)": {"berkeleydb"},
     "vsmtprelay add (Redis)": {"berkeleydb", "redis"},
     "vnewspammers": {"PyYAML", "berkeleydb"},
@@ -63,6 +64,9 @@ class Setup:
                   "spammers: {source: %s/spammers, path: %s/spammers.db}\n" % (base, base))
         self.file_cfg.write_text(common + "relayers: {path: %s/relayers.db}\n" % base)
         self.redis_cfg.write_text(common + "relayers: {url: '%s'}\n" % redis_url)
+        self.metrics_cfg = base / "metrics.yaml"
+        self.metrics_cfg.write_text(common + "relayers: {path: %s/relayers.db}\n"
+                                    "metrics: {listen: '127.0.0.1:0'}\n" % base)
         (base / "spammers").write_text("spammer@example.net\n")
         self.log = base / "mail.log"
         self.log.write_text("Nov 21 18:14:14 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, "
@@ -75,6 +79,8 @@ class Setup:
             "relaymilter --check-config (Redis store)": ["relaymilter", "-c", str(self.redis_cfg), "--check-config"],
             "relaymilter (serve)": ["relaymilter", "-c", str(self.file_cfg),
                                     "--socket", "unix:%s/%s.sock" % (b, case)],
+            "relaymilter (serve, metrics)": ["relaymilter", "-c", str(self.metrics_cfg),
+                                             "--socket", "unix:%s/%s-m.sock" % (b, case)],
             "vsmtprelay add (file)": ["vsmtprelay", "-f", str(b / "relayers.db"), "add", "192.0.2.5"],
             "vsmtprelay add (Redis)": ["vsmtprelay", "-f", self.redis_url, "add", "192.0.2.5"],
             "vnewspammers": ["vnewspammers", "-c", str(self.file_cfg)],
@@ -147,7 +153,7 @@ def test_command_with_a_module_hidden(setup, name, hidden):
     case = "%s-%s" % (hidden or "none", abs(hash(name)) % 10**6)
     argv = setup.argv(name, case)
     env = hidden_env(HIDDEN[hidden] if hidden else "")
-    proc = run_command(argv, env, serve=name == "relaymilter (serve)")
+    proc = run_command(argv, env, serve=name.startswith("relaymilter (serve"))
     assert "Traceback" not in proc.stderr, proc.stderr
     if hidden is None or hidden not in NEEDS[name]:
         assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)

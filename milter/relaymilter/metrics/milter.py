@@ -216,15 +216,15 @@ class Supervisor:
             raise MetricsError("metrics: prometheus_client was imported before its multiprocess directory was set")
         self.dir = tempfile.mkdtemp(prefix="relaymilter-metrics-")
         os.environ[MULTIPROC_ENV] = self.dir
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        registry = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(registry, path=self.dir)
-        registry.register(_Alive(alive))
         try:
+            from prometheus_client import CollectorRegistry
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(registry, path=self.dir)
+            registry.register(_Alive(alive))
             self.endpoint: Endpoint = serve(registry, listen)
-        except MetricsError:
+        except (MetricsError, ImportError):
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         log.info("metrics on %s", self.endpoint.url)
