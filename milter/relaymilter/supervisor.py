@@ -6,8 +6,10 @@ DESCRIPTION
     threads in it hand that lock back and forth. So relaymilter runs N worker
     processes (``workers: auto``: one per CPU this process may use) that
     accept on one listening socket, opened here before the first fork
-    (adapter.open_socket). The supervisor itself serves nothing and runs no
-    thread; it waits for signals and for its children:
+    (adapter.open_socket). The supervisor itself serves no mail and runs no
+    thread but the metrics endpoint, when metrics are on (it sums the
+    workers' counts, relaymilter.metrics.milter); it waits for signals and
+    for its children:
 
       SIGHUP    load the configuration file again; if it loads, send the same
                 Config to every worker (relaymilter.worker), which swaps it in
@@ -46,11 +48,15 @@ import select
 import signal
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Optional
 
 from relaymilter.config import Config
 from relaymilter.errors import ConfigError
+from relaymilter.metrics import MetricsError
+
+if TYPE_CHECKING:
+    from relaymilter.metrics.milter import SupervisorMetrics
 
 log = logging.getLogger("relaymilter")
 
@@ -100,6 +106,7 @@ class Supervisor:
         self.stopping = 0.0
         self.pending: set[int] = set()  # signals seen, not yet handled
         self.socket_id: Optional[tuple[int, int]] = None    # (dev, ino) of the unix socket we created
+        self.metrics: Optional[SupervisorMetrics] = None
         self._wake_r = self._wake_w = -1
 
     # ------------------------------------------------------------ startup
@@ -121,6 +128,16 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen on %s: %s", self.socket_spec, exc.strerror or exc)
             return 1
+        try:
+            if self.config.metrics.listen is not None:
+                self._start_metrics(self.config.metrics.listen)
+        except MetricsError as exc:
+            log.error("%s", exc)
+            self._remove_socket()
+            return 1
+        except ImportError:
+            self._remove_socket()       # prometheus_client missing: one line from the command (cli.entry)
+            raise
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
@@ -132,6 +149,15 @@ class Supervisor:
             return self._loop()
         finally:
             self._remove_socket()
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _start_metrics(self, listen: tuple[str, int]) -> None:
+        # Before the first fork: the workers inherit the multiprocess directory (relaymilter.metrics.milter).
+        # The endpoint is the one thread of this process.
+        from relaymilter.metrics.milter import SupervisorMetrics
+
+        self.metrics = SupervisorMetrics(listen, lambda: len(self._alive()))
 
     def _note(self, signum: int, frame: object) -> None:
         self.pending.add(signum)
@@ -198,6 +224,8 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+                if self.metrics is not None:
+                    self.metrics.in_child()
                 for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 code = self.serve(self.config, rfd)
@@ -216,6 +244,8 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.metrics is not None:
+                self.metrics.worker_exited(pid)
             for slot in self.slots:
                 if slot.worker is not None and slot.worker.pid == pid:
                     self._ended(slot, slot.worker, status, now)
@@ -258,11 +288,18 @@ class Supervisor:
             message = frame(config)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            self._reloaded(False)
             return
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old rules; later reloads must still work
             log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__,
                       str(exc)[:300])
+            self._reloaded(False)
             return
+        if config.metrics != self.config.metrics:
+            log.warning("reload: metrics cannot change while running (still %s); restart to change them",
+                        "%s:%d" % self.config.metrics.listen if self.config.metrics.listen else "off")
+            config = replace(config, metrics=self.config.metrics)
+            message = frame(config)
         if config.socket != self.config.socket and config.socket != self.socket_spec:
             log.warning("reload: the socket cannot change while running (still %s); restart to move it",
                         self.socket_spec)
@@ -281,6 +318,11 @@ class Supervisor:
                 log.error("worker %d is not taking reloads; replacing it", worker.pid)
                 os.kill(worker.pid, signal.SIGKILL)
         log.info("reloading %d workers: %s", len(self._alive()), self.describe(config))
+        self._reloaded(True)
+
+    def _reloaded(self, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.reloaded(ok)
 
     # ------------------------------------------------------------ shutdown
 

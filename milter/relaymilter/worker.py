@@ -114,6 +114,11 @@ def run(config: Config, control: int, decisions: DecisionLog, describe: Callable
     from relaymilter import adapter  # imports pymilter
 
     holder = RuntimeHolder(Runtime(config), decisions)
+    metrics = None
+    if config.metrics.listen is not None:
+        from relaymilter.metrics.milter import start_worker
+
+        metrics = start_worker(holder)      # counts into the supervisor's metrics directory
     thread = threading.Thread(target=listen, args=(control, holder, describe, adapter.stop),
                               name="control", daemon=True)
     thread.start()
@@ -125,4 +130,6 @@ def run(config: Config, control: int, decisions: DecisionLog, describe: Callable
         return 1
     finally:
         decisions.close()
+        if metrics is not None:
+            metrics.stop()
     return 0

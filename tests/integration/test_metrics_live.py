@@ -91,7 +91,7 @@ def one(samples: Samples, name: str, **labels: str) -> float:
 
 # ------------------------------------------------------------------------------- the milter
 
-WORKERS = 1
+WORKERS = 3
 ROUNDS = 8
 LISTED, STRANGER, SPAMMER = "192.0.2.10", "192.0.2.20", "192.0.2.30"
 
@@ -137,7 +137,7 @@ def milter(tmp_path: Path):
     (tmp_path / "spammers").write_text("spam.example\n")
     spammers.rebuild(str(tmp_path / "spammers"), str(tmp_path / "spammers.db"))
     BDBRelayStore(str(tmp_path / "relayers.db")).add({LISTED: int(time.time())})
-    m = MilterProcess(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}})
+    m = MilterProcess(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}, "workers": WORKERS})
     m.start()
     try:
         yield m
@@ -149,8 +149,8 @@ def test_milter_metrics_add_up_over_the_workers(milter: MilterProcess) -> None:
     url = URL_RE.search(milter.wait_for_log("metrics on "))
     assert url is not None
     url = url.group(1)
+    wait_for("the workers", lambda: one(scrape(url), "relaymilter_workers_alive") == WORKERS)
     first = scrape(url)
-    assert one(first, "relaymilter_workers_alive") == WORKERS
     assert decisions(first) == {}
     assert one(first, "relaymilter_rcpt_decision_seconds_count") == 0
 
@@ -202,6 +202,18 @@ def test_milter_metrics_add_up_over_the_workers(milter: MilterProcess) -> None:
     assert one(got, "relaymilter_config_reloads_total", result="ok") == 1
     assert one(got, "relaymilter_config_reloads_total", result="failed") == 1
 
+    # A worker that dies keeps its counts in the sum; its replacement counts on.
+    victim = children(milter.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for("a replacement worker", lambda: victim not in children(milter.pid)
+             and len(children(milter.pid)) == WORKERS)
+    assert one(scrape(url), "relaymilter_workers_alive") == WORKERS
+    for _ in range(2):
+        one_round(milter)
+    expected += times(2, ROUND)
+    got = settle(url, "relaymilter_decisions_total", sum(expected.values()))
+    assert decisions(got) == expected
+
 
 def tcp_listening(pids: list[int]) -> list[str]:
     """The TCP ports (hex, as in /proc/net/tcp*) on which any of *pids* listens."""
@@ -231,9 +243,11 @@ def test_metrics_are_off_by_default(tmp_path: Path) -> None:
         assert tcp_listening([m.pid] + children(m.pid)) == []
     finally:
         m.stop()
-    m = MilterProcess(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}}).start()
-    try:       # the check above can see a metrics port
-        assert len(tcp_listening([m.pid] + children(m.pid))) == 1
+    m = MilterProcess(tmp_path, {"metrics": {"listen": "127.0.0.1:0"}, "workers": 2}).start()
+    try:       # the check above can see a metrics port; the supervisor alone holds it
+        wait_for("the workers", lambda: len(children(m.pid)) == 2)
+        assert len(tcp_listening([m.pid])) == 1
+        assert tcp_listening(children(m.pid)) == []
     finally:
         m.stop()
 

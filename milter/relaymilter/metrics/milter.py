@@ -4,7 +4,9 @@
 DESCRIPTION
     Metrics (all counters but the last two, which are a histogram and a gauge):
 
-      relaymilter_decisions_total{stage, verdict, rule}    one per MAIL or RCPT decision
+      relaymilter_decisions_total{stage, verdict, rule}    one per MAIL or RCPT decision (verdict
+                                                           continue, reject, tempfail, or warn:
+                                                           a refusal warn mode let pass)
       relaymilter_lookup_errors_total{map}                 relayers / spammers map unreadable
       relaymilter_store_reloads_total{map}                 a changed map file opened afresh
       relaymilter_config_reloads_total{result}             SIGHUP reloads, ok / failed
@@ -20,7 +22,7 @@ DESCRIPTION
     metrics every FLUSH_EVERY seconds and once more when the worker stops,
     so a scrape is at most that old.
 
-    Several processes: the supervisor (Supervisor) makes a private
+    Several processes: the supervisor (SupervisorMetrics) makes a private
     directory and points PROMETHEUS_MULTIPROC_DIR at it before
     prometheus_client is first imported; every worker it forks then keeps
     its values in files of its own there, and the supervisor's endpoint
@@ -28,7 +30,8 @@ DESCRIPTION
     exits leaves its files: counters keep adding up across worker restarts
     (a killed worker loses what it had not flushed yet, at most FLUSH_EVERY
     seconds' worth). The directory is removed when the supervisor stops.
-    The gauge is the supervisor's own count of its live workers.
+    The supervisor's own figures (config reloads, which it makes once for
+    every worker, and the gauge of its live workers) are read when scraped.
 
 DIAGNOSTICS
     MetricsError if prometheus_client was imported before the directory
@@ -61,7 +64,7 @@ MAPS = ("relayers", "spammers")
 _clock = time.perf_counter
 
 
-class _WARN:
+class Warn:
     """The verdict of a refusal made in warn mode: logged as "would reject", answered as a pass."""
 
 
@@ -73,7 +76,6 @@ class Tally:
         self._decisions: dict[tuple[str, type, str], int] = {}
         self._buckets = [0] * (len(BUCKETS) + 1)
         self._seconds = 0.0
-        self._reloads = {"ok": 0, "failed": 0}
 
     def decided(self, stage: str, decision: Any, started: float, warned: Any = None) -> None:
         """Count one decision at *stage* (MAIL or RCPT); a RCPT's time runs from *started* (perf_counter).
@@ -81,7 +83,7 @@ class Tally:
         *warned*: the refusal a rule in warn mode did not make (the decision
         is then a pass); it is counted as verdict ``warn`` under its own rule.
         """
-        key = (stage.lower(), type(decision) if warned is None else _WARN, (decision if warned is None else warned).rule)
+        key = (stage.lower(), type(decision) if warned is None else Warn, (decision if warned is None else warned).rule)
         if stage == "RCPT":
             seconds = _clock() - started
             i = bisect.bisect_left(BUCKETS, seconds)        # the first bucket with seconds <= its bound
@@ -95,14 +97,10 @@ class Tally:
                 counts = self._decisions
                 counts[key] = counts.get(key, 0) + 1
 
-    def config_reload(self, ok: bool) -> None:
+    def snapshot(self) -> tuple[dict[tuple[str, type, str], int], list[int], float]:
+        """Copies of (decisions, latency buckets, latency sum)."""
         with self._lock:
-            self._reloads["ok" if ok else "failed"] += 1
-
-    def snapshot(self) -> tuple[dict[tuple[str, type, str], int], list[int], float, dict[str, int]]:
-        """Copies of (decisions, latency buckets, latency sum, config reloads)."""
-        with self._lock:
-            return dict(self._decisions), list(self._buckets), self._seconds, dict(self._reloads)
+            return dict(self._decisions), list(self._buckets), self._seconds
 
 
 StoreSource = Callable[[], Mapping[str, Any]]     # map name -> the store object in use now
@@ -127,15 +125,10 @@ class WorkerMetrics:
                                ("map",), registry=None)
         self._reloads = Counter("relaymilter_store_reloads", "Map files opened afresh after they changed",
                                 ("map",), registry=None)
-        self._config = Counter("relaymilter_config_reloads", "Configuration reloads (SIGHUP) by result",
-                               ("result",), registry=None)
         for name in MAPS:           # present from the first scrape, at 0
             self._errors.labels(name)
             self._reloads.labels(name)
-        for result in ("ok", "failed"):
-            self._config.labels(result)
         self._done: dict[tuple[str, type, str], int] = {}      # the decisions flushed so far, per key
-        self._reloads_done = {"ok": 0, "failed": 0}
         self._buckets_done = [0] * (len(BUCKETS) + 1)
         self._seconds_done = 0.0
         self._store_done: dict[tuple[str, str], tuple[Any, int]] = {}
@@ -161,7 +154,7 @@ class WorkerMetrics:
     def flush(self) -> None:
         """Add everything counted since the last flush to the metric files."""
         with self._flush_lock:
-            decisions, buckets, seconds, reloads = self.tally.snapshot()
+            decisions, buckets, seconds = self.tally.snapshot()
             for key, n in decisions.items():
                 new = n - self._done.get(key, 0)
                 if new:
@@ -169,10 +162,6 @@ class WorkerMetrics:
                     # The verdict label is the decision's class: continue, reject, tempfail.
                     self._decisions.labels(stage, kind.__name__.lower(), rule).inc(new)
                     self._done[key] = n
-            for result, n in reloads.items():
-                if n > self._reloads_done[result]:
-                    self._config.labels(result).inc(n - self._reloads_done[result])
-                    self._reloads_done[result] = n
             added = [n - done for n, done in zip(buckets, self._buckets_done)]
             if any(added):
                 _observe_many(self._latency, added, seconds - self._seconds_done)
@@ -193,6 +182,14 @@ class WorkerMetrics:
         self._store_done[(name, what)] = (store, n)
 
 
+def start_worker(holder: Any) -> WorkerMetrics:
+    """In a new worker: give its RuntimeHolder a Tally and start flushing it (stop() it at exit)."""
+    tally = holder.tally = Tally()
+    metrics = WorkerMetrics(tally, lambda: {"relayers": holder.current.relayers, "spammers": holder.current.spammers})
+    metrics.start()
+    return metrics
+
+
 def _observe_many(histogram: Any, per_bucket: list[int], total: float) -> None:
     """Add counted observations to a prometheus_client Histogram: *per_bucket* counts, *total* their sum.
 
@@ -208,21 +205,22 @@ def _observe_many(histogram: Any, per_bucket: list[int], total: float) -> None:
     histogram._sum.inc(total)
 
 
-class Supervisor:
-    """In the supervisor: the shared directory, the endpoint that sums the workers, workers alive."""
+class SupervisorMetrics:
+    """In the supervisor: the shared directory, the endpoint that sums the workers, its own counts."""
 
     def __init__(self, listen: tuple[str, int], alive: Callable[[], int]) -> None:
         if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
             raise MetricsError("metrics: prometheus_client was imported before its multiprocess directory was set")
         self.dir = tempfile.mkdtemp(prefix="relaymilter-metrics-")
         os.environ[MULTIPROC_ENV] = self.dir
+        self.reloads = {"ok": 0, "failed": 0}       # SIGHUP reloads, made here once for every worker
         try:
             from prometheus_client import CollectorRegistry
             from prometheus_client.multiprocess import MultiProcessCollector
 
             registry = CollectorRegistry(auto_describe=False)
             MultiProcessCollector(registry, path=self.dir)
-            registry.register(_Alive(alive))
+            registry.register(_Own(alive, self.reloads))
             self.endpoint: Endpoint = serve(registry, listen)
         except (MetricsError, ImportError):
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -232,6 +230,9 @@ class Supervisor:
     def in_child(self) -> None:
         """Right after fork(), in the new worker: let go of the supervisor's listening socket."""
         self.endpoint.close_inherited()
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads["ok" if ok else "failed"] += 1
 
     def worker_exited(self, pid: int) -> None:
         from prometheus_client.multiprocess import mark_process_dead
@@ -243,14 +244,20 @@ class Supervisor:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class _Alive:
-    """The supervisor's gauge, read when scraped."""
+class _Own:
+    """The supervisor's own figures, read when scraped."""
 
-    def __init__(self, alive: Callable[[], int]) -> None:
+    def __init__(self, alive: Callable[[], int], reloads: dict[str, int]) -> None:
         self._alive = alive
+        self._reloads = reloads
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         yield GaugeMetricFamily("relaymilter_workers_alive", "libmilter worker processes running",
                                 value=self._alive())
+        reloads = CounterMetricFamily("relaymilter_config_reloads", "Configuration reloads (SIGHUP) by result",
+                                      labels=("result",))
+        for result in ("ok", "failed"):
+            reloads.add_metric((result,), self._reloads[result])
+        yield reloads
