@@ -12,7 +12,7 @@ DESCRIPTION
     nothing is cached here (nscd or sssd cache if configured).
 
     aliases files and user lists (relaymilter.store.localfiles) are read
-    whole into sets, so a lookup is a set membership test however long the
+    whole into tables (dicts), so a lookup is a membership test however long the
     file. Each lookup stats the files (for aliases, with every :include:
     file read) and compares device, inode, size, mtime and ctime with what
     was read: a change is seen by the first lookup after it, as relayers.db
@@ -58,7 +58,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from relaymilter.errors import StoreUnavailable
 from relaymilter.address.tokens import ascii_lower
 from relaymilter.store.bdb import RACY_NS, read_items
-from relaymilter.store.localfiles import AliasNames, SourceError, UserList, read_aliases, read_list
+from relaymilter.store.localfiles import AliasNames, Keys, SourceError, UserList, keys_of, read_aliases, read_list
 
 log = logging.getLogger("relaymilter.store.recipients")
 
@@ -177,8 +177,8 @@ def _size(table: Parsed) -> int:
 class MapTable:
     """A map's keys (lowercase, trailing NUL removed): those that know a user and those whose value is error:..."""
 
-    known: frozenset[str]
-    refused: frozenset[str]
+    known: Keys
+    refused: Keys
     files: tuple[str, ...]
 
     def knows(self, locals_: tuple[str, ...], domain: Optional[str]) -> bool:
@@ -206,7 +206,7 @@ def read_map(path: str) -> MapTable:
     for key, value in items:
         name = ascii_lower(key.decode("utf-8", "surrogateescape"))
         (refused if value[:6].lower() == b"error:" else known).add(name)
-    return MapTable(frozenset(known), frozenset(refused), (path,))
+    return MapTable(keys_of(known), keys_of(refused), (path,))
 
 
 def map_source(path: str) -> TextSource:
