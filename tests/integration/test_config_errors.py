@@ -8,6 +8,7 @@ number (and a second line with a byte offset).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def test_one_line_naming_file_and_line(tmp_path: Path, command: str, kind: str) 
     path = tmp_path / "bad.yaml"
     path.write_bytes(data)
     before, after = COMMANDS[command]
-    proc = subprocess.run([*before, str(path), *after], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    ok = tmp_path / "ok.yaml"          # a configuration of our own, whatever /etc holds
+    ok.write_text("{}\n")
+    env = {**os.environ, "RELAYMILTER_CONFIG": str(ok)}
+    proc = subprocess.run([*before, str(path), *after], capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=env)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode in (1, 2), (proc.returncode, err[-500:])
     assert err.count("\n") == 1, err[-2000:]

@@ -8,6 +8,7 @@ terminal escapes).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,13 @@ import pytest
 from relaymilter.store.relayers import BDBRelayStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def own_config(tmp_path: Path) -> dict[str, str]:
+    """The environment for a popwatch that reads our (empty) configuration, whatever /etc holds."""
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("{}\n")
+    return {**os.environ, "RELAYMILTER_CONFIG": str(ok)}
 
 
 def login_line(user: str, ip: str) -> bytes:
@@ -31,7 +39,8 @@ def test_a_directory_at_the_log_path_is_reported_once(tmp_path: Path) -> None:
     err = tmp_path / "popwatch.err"
     with open(err, "wb") as fh:
         proc = subprocess.Popen(["relaymilter-popwatch", "--logfile", str(log), "--dbfile", str(tmp_path / "r.db"),
-                                 "--nowrite", "--pattern", "dovecot"], stdout=fh, stderr=fh)
+                                 "--nowrite", "--pattern", "dovecot"], stdout=fh, stderr=fh,
+                                env=own_config(tmp_path))
     try:
         deadline = time.monotonic() + 5
         n = 0
@@ -61,7 +70,7 @@ def test_test_mode_escapes_control_characters_in_user_names(tmp_path: Path) -> N
     log.write_bytes(login_line("al\x1b[31mice", "192.0.2.10") + login_line("bob\rfake line", "192.0.2.11")
                     + login_line("carol", "192.0.2.12"))
     proc = subprocess.run(["relaymilter-popwatch", "--test", str(log), "--pattern", "dovecot"], capture_output=True,
-                          timeout=60)
+                          timeout=60, env=own_config(tmp_path))
     out = proc.stdout.decode("utf-8")
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in out and "\r" not in out, repr(out)
@@ -77,7 +86,8 @@ def test_a_login_after_a_long_nul_hole_is_recorded_by_the_daemon_and_by_test(tmp
     err = tmp_path / "popwatch.err"
     with open(err, "wb") as fh:
         proc = subprocess.Popen(["relaymilter-popwatch", "--logfile", str(log), "--dbfile", str(db),
-                                 "--pattern", "dovecot", "--grace", "600"], stdout=fh, stderr=fh)
+                                 "--pattern", "dovecot", "--grace", "600"], stdout=fh, stderr=fh,
+                                env=own_config(tmp_path))
     try:
         for _ in range(100):
             if b"following" in err.read_bytes():
@@ -95,5 +105,5 @@ def test_a_login_after_a_long_nul_hole_is_recorded_by_the_daemon_and_by_test(tmp
         proc.terminate()
         proc.wait(10)
     out = subprocess.run(["relaymilter-popwatch", "--test", str(log), "--pattern", "dovecot"], capture_output=True,
-                         timeout=60).stdout.decode()
+                         timeout=60, env=own_config(tmp_path)).stdout.decode()
     assert "192.0.2.77" in out and "user=alice" in out, out
