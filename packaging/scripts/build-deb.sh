@@ -34,7 +34,7 @@ work="$(mktemp -d /tmp/relaymilter-deb.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 src="$work/relaymilter"
 mkdir -p "$src"
-# Tracked files only (a .venv, caches or dist/ never reach the package).
+# The files git tracks or would add: ignored ones (.venv, caches, dist/) never reach the package.
 if git -C "$top" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     (cd "$top" && git ls-files -z --cached --others --exclude-standard \
         | tar --null --no-recursion --ignore-failed-read -T - -cf -) | tar -xf - -C "$src"
