@@ -302,19 +302,53 @@ def test_installed_commands_run_from_the_package(installed, shared_dir):
 
 
 def test_installed_redis_store_works_with_debians_redis_module(installed, shared_dir):
-    """The mail-farm commands on a real redis-server, through Debian's python3-redis (not pip's)."""
+    """The mail-farm parts on a real redis-server through Debian's python3-redis (4.3 in Debian 12, not pip's):
+    vsmtprelay on a TCP and a unix:// URL, relaymilter-mirror, and the milter's own lookups, run as its user."""
     from redisproc import RedisServer
 
-    server = RedisServer(shared_dir / "redis").start()
+    redis_sock = shared_dir / "redis.sock"
+    server = RedisServer(shared_dir / "redis", extra=["--unixsocket", str(redis_sock),
+                                                      "--unixsocketperm", "777"]).start()
+    milter = None
     try:
         url = server.url()
         run(["/usr/bin/vsmtprelay", "-f", url, "add", "192.0.2.44", "906502527"])
         assert run(["/usr/bin/vsmtprelay", "-f", url, "dump"]).stdout == \
             "# timestamp (UTC): Tue Sep 22 22:15:27 1998\n192.0.2.44 906502527\n"
+        assert "192.0.2.44 906502527" in run(["/usr/bin/vsmtprelay", "-f", "unix://%s?db=0" % redis_sock,
+                                              "dump"]).stdout
         mirror = shared_dir / "mirror.db"
         run(["/usr/bin/relaymilter-mirror", "--from", url, "--to", str(mirror), "--once"])
         assert "192.0.2.44 906502527" in run(["/usr/bin/vsmtprelay", "-f", str(mirror), "dump"]).stdout
+
+        rundir = shared_dir / "redis-run"
+        rundir.mkdir()
+        pw = pwd.getpwnam("relaymilter")
+        os.chown(rundir, pw.pw_uid, pw.pw_gid)
+        spec = "unix:%s/milter.sock" % rundir
+        config = shared_dir / "redis-milter.yaml"
+        config.write_text("socket: %s\nlog: stderr\nlocal_domains: [example.com]\nadd_host_names: false\n"
+                          "relayers: {url: '%s'}\nspammers: {source: %s/spammers, path: %s/spammers.db}\n"
+                          % (spec, url, shared_dir, shared_dir))
+        config.chmod(0o644)
+        log = (shared_dir / "redis-milter.log").open("w")
+        milter = subprocess.Popen(["setpriv", "--reuid", "relaymilter", "--regid", "relaymilter", "--init-groups",
+                                   "--inh-caps=-all", "/usr/bin/relaymilter", "-c", str(config)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=CLEAN_ENV)
+        wait_for(lambda: ask(spec, "192.0.2.7", "a@example.com").returncode == 0, 20, "the milter to answer")
+        for _ in range(2):      # the second lookup reuses the milter's idle Redis connection
+            granted = ask(spec, "192.0.2.44", "bob@remote.example")
+            assert "RCPT <bob@remote.example>: continue" in granted.stdout, granted.stdout + granted.stderr
+            refused = ask(spec, "192.0.2.45", "bob@remote.example")
+            assert "RCPT <bob@remote.example>: 550 5.7.1 Relaying denied" in refused.stdout, refused.stdout
+        milter.send_signal(signal.SIGTERM)
+        assert milter.wait(timeout=30) == 0
+        log.close()
+        assert "rule=relayers_db" in (shared_dir / "redis-milter.log").read_text()
     finally:
+        if milter is not None and milter.poll() is None:
+            milter.kill()
+            milter.wait(timeout=10)
         server.stop()
 
 

@@ -42,7 +42,7 @@ from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.store.counters import MINUTES, Charge, Usage
 from relaymilter.store.guard import Ask, Outcome, Suspension, is_address, parse_suspension
-from relaymilter.store.redis import RedisRelayStore, _match_pattern
+from relaymilter.store.redis import RedisRelayStore, _match_pattern, is_connected
 
 HOUR_TTL = 3600 + 60
 
@@ -158,7 +158,7 @@ class RedisGuardStore:
         except IndexError:
             conn = self._pool.make_connection()
         try:
-            if not conn.is_connected:
+            if not is_connected(conn):
                 conn.connect()
             elif conn.can_read():           # the server closed it (restart, failover)
                 conn.disconnect()

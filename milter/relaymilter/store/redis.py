@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
 import redis
 from redis import exceptions as rexc
 from redis.backoff import NoBackoff
-from redis.connection import ConnectionPool
+from redis.connection import Connection, ConnectionPool
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -109,6 +109,16 @@ __all__ = ["BATCH", "DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisRelayStore", "Red
            "parse_store_url"]
 
 
+if hasattr(Connection, "is_connected"):
+    def is_connected(conn: Any) -> bool:
+        """Whether a redis-py connection holds an open socket."""
+        return bool(conn.is_connected)
+else:  # redis-py before 5 (Debian 12 packages 4.3.4) has the socket but not the property
+    def is_connected(conn: Any) -> bool:
+        """Whether a redis-py connection holds an open socket."""
+        return conn._sock is not None
+
+
 def _no_retry() -> Retry:
     # redis-py would retry 3 times with back-off, nested in connect(): we decide once, in _run().
     return Retry(NoBackoff(), 0)
@@ -146,12 +156,12 @@ class _LookupConnections:
         else:
             # An idle connection with something to read is one the server closed (restart, failover).
             try:
-                if conn.is_connected and conn.can_read():
+                if is_connected(conn) and conn.can_read():
                     conn.disconnect()
             except (rexc.ConnectionError, rexc.TimeoutError, OSError):
                 conn.disconnect()
         try:
-            if not conn.is_connected:
+            if not is_connected(conn):
                 conn.connect()      # a Sentinel-managed connection asks the sentinels here, not in send
             conn.send_command("GET", key)
             return conn.read_response()

@@ -95,6 +95,19 @@ def _accepted_options(connection_class: type) -> set[str]:
     return names
 
 
+def _init_accepts(connection_class: type, name: str) -> bool:
+    """Whether the connection class's constructor takes *name* (itself, or a parent's through **kwargs)."""
+    for klass in connection_class.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
 def _parse_hosts(text: str) -> tuple[tuple[str, int], ...]:
     hosts = []
     for item in text.split(","):
@@ -170,7 +183,8 @@ def parse_store_url(url: str) -> RedisSpec:
         if name in kwargs and not kwargs[name] > 0:
             raise ValueError("%s must be a positive number of seconds" % name)
     kwargs.setdefault("socket_timeout", DEFAULT_TIMEOUT)
-    kwargs.setdefault("socket_connect_timeout", kwargs["socket_timeout"])
+    if _init_accepts(klass, "socket_connect_timeout"):   # unix:// before redis-py 4.4 (Debian 12's 4.3) has none
+        kwargs.setdefault("socket_connect_timeout", kwargs["socket_timeout"])
     auth = {k.split("_", 1)[1]: ours[k] for k in ("sentinel_password", "sentinel_username") if k in ours}
     return RedisSpec(url=url, display=mask_url(url), prefix=prefix, connection=kwargs,
                      sentinels=sentinels, service=service, sentinel_auth=auth)
