@@ -44,3 +44,8 @@ INTERNAL_ERROR = Reply("451", "4.3.0", "Internal error, try again later")
 RELAY_LIMIT_EXCEEDED = Reply("451", "4.7.1", "Relaying limit exceeded, try again later")
 # MAIL FROM (AUTH) and RCPT TO: an identity suspended after going over a limit, until it runs out or is lifted.
 RELAY_SUSPENDED = Reply("451", "4.7.1", "Relaying suspended, try again later")
+# RCPT TO from a stranger that the configured DNS blocklists list (dnsbl.reply; Postfix's default_rbl_reply).
+# A template: {client} the IP, {site} the list, {reason} "; " + the list's TXT text, or nothing.
+DNSBL_LISTED = "554 5.7.1 Service unavailable; Client host [{client}] blocked using {site}{reason}"
+# RCPT TO from a stranger when a DNS blocklist could not be asked and dnsbl.on_error is tempfail.
+DNSBL_UNAVAILABLE = Reply("451", "4.7.1", "Client host blocklist check temporarily unavailable, try again later")

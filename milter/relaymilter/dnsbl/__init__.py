@@ -1,0 +1,1 @@
+"""DNS blocklists (see relaymilter.dnsbl.checker)."""
