@@ -28,7 +28,8 @@ DESCRIPTION
       <id>: reject: RCPT from [192.0.2.7]: 550 5.7.1 <bob@remote.example>: Relaying denied; from=<a@b> to=<bob@remote.example> resolved=bob@remote.example rule=default_reject
     A relayed recipient's line names the identity (user=alice); a refusal
     a warn-only rule family did not make is logged as "would reject:" in
-    the same shape, and the step continues.
+    the same shape, and the step continues. A rule step may add a note
+    after the rule (dnsbl: site=zen.spamhaus.org answer=127.0.0.4 weight=3/3).
     <id> is the connection id; the log's own prefix carries the worker's PID.
 
 DIAGNOSTICS
@@ -166,26 +167,28 @@ class Connection:
                 return self._answer("RCPT", _INTERNAL, rcpt, "", started)
             verdict = self.session.rcpt(rcpt)
             extra = verdict.destination.detail + self.session.note
-            return self._answer("RCPT", verdict.decision, rcpt, extra, started, verdict.source)
+            return self._answer("RCPT", verdict.decision, rcpt, extra, started, verdict.source, verdict.note)
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envrcpt", started)
 
     def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str, started: float = 0.0,
-                source: Optional[str] = None) -> int:
-        """Log and count the decision and turn it into setreply() + a pymilter return code."""
+                source: Optional[str] = None, note: str = "") -> int:
+        """Log and count the decision (*note* after its rule) and turn it into setreply() + a pymilter return code."""
+        if note:
+            note = " " + note
         if self.tally is not None:
             self.tally.decided(stage, decision, started, None if self.broken else self.session.warned)
         if type(decision) is Continue:
             if self.note is not None:
                 warned = self.session.warned
                 if warned is not None and not self.broken:     # warn-only mode (policy.modes)
-                    self._log_refusal(stage, warned, rcpt, extra, "would reject")
+                    self._log_refusal(stage, warned, rcpt, extra, "would reject", note)
                 else:
-                    self._log_pass(stage, decision, rcpt, extra, source)
+                    self._log_pass(stage, decision, rcpt, extra, source, note)
             return Milter.CONTINUE
         assert isinstance(decision, (Reject, TempFail))
         if self.note is not None:
-            self._log_refusal(stage, decision, rcpt, extra)
+            self._log_refusal(stage, decision, rcpt, extra, "", note)
         reply = decision.reply
         # Straight to the context: Base.setreply's '%' check is for texts we
         # do not own; every reply in relaymilter.replies is a constant without '%'.
@@ -193,20 +196,21 @@ class Connection:
         return Milter.REJECT if type(decision) is Reject else Milter.TEMPFAIL
 
     def _log_pass(self, stage: str, decision: Continue, rcpt: Optional[str], extra: str,
-                  source: Optional[str] = None) -> None:
+                  source: Optional[str] = None, note: str = "") -> None:
         assert self.note is not None
         sender = printable(self.session.sender, LOG_TEXT_MAX)
+        rule = decision.rule + note
         if rcpt is None:
             self.note(_PASS_MAIL % (self.tag, self.client_text, sender, extra, decision.rule))
         elif source is None:
             self.note(_PASS_RCPT % (self.tag, self.client_text, sender, printable(rcpt, LOG_TEXT_MAX),
-                                    extra, decision.rule))
+                                    extra, rule))
         else:   # local_recipients: which source knew the user
             self.note(_PASS_RCPT_KNOWN % (self.tag, self.client_text, sender, printable(rcpt, LOG_TEXT_MAX),
-                                          extra, decision.rule, source))
+                                          extra, rule, source))
 
     def _log_refusal(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str,
-                     verb: str = "") -> None:
+                     verb: str = "", note: str = "") -> None:
         assert self.note is not None and not isinstance(decision, Continue)
         reply = decision.reply
         verb = verb or ("reject" if type(decision) is Reject else "tempfail")
@@ -214,6 +218,7 @@ class Connection:
         rule = decision.rule
         if type(decision) is TempFail and decision.cause:      # why a map was unavailable
             rule = '%s cause="%s"' % (rule, printable(decision.cause, LOG_TEXT_MAX).replace('"', "'"))
+        rule += note
         if rcpt is None:
             self.note(_REFUSE_MAIL % (self.tag, verb, stage, self.client_text, reply.code, reply.xcode,
                                       sender, reply.text, sender, extra, rule))

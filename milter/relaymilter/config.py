@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from relaymilter import pydeps
+from relaymilter.dnsbl.settings import DnsblConfig, load_dnsbl
 from relaymilter.errors import ConfigError
 from relaymilter.guardconfig import parse_limits, parse_modes
 from relaymilter.address.resolve import BadAddress
@@ -57,6 +58,7 @@ TOP_KEYS = (
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
     "limits", "modes", "local_recipients", "metrics",
+    "dnsbl",
 )
 RELAYERS_KEYS = ("path", "url", "window")
 SPAMMERS_KEYS = ("source", "path")
@@ -127,6 +129,7 @@ class Config:
     modes: Modes = ENFORCE_ALL
     local_recipients: LocalRecipientsConfig = field(default_factory=LocalRecipientsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dnsbl: Optional[DnsblConfig] = None             # None: no DNS blocklist, no DNS query
 
 
 def rules_dir() -> Path:
@@ -429,4 +432,5 @@ def load_config(path: Optional[str] = None) -> Config:
         modes=parse_modes(top),
         local_recipients=load_local_recipients(top),
         metrics=metrics,
+        dnsbl=load_dnsbl(top),
     )

@@ -63,6 +63,7 @@ from typing import Optional, TypeVar, cast
 from relaymilter.config import Config
 from relaymilter.decisionlog import DecisionLog, logging_sink
 from relaymilter.metrics.milter import Tally
+from relaymilter.dnsbl.rules import Blocklists
 from relaymilter.policy.decision import Decision
 from relaymilter.policy.limits import Guard
 from relaymilter.policy.limits import Store as GuardStoreView  # the part of the guard store the policy uses
@@ -113,6 +114,15 @@ class Runtime:
         self.local_recipients: Optional[Callable[[], Lookup]] = (
             self.recipients.transaction_lookup if self.recipients is not None else None)
         self.recipient_delimiter = lr.recipient_delimiter
+        # DNS blocklists (the dnsbl step): verified lists and cached answers
+        # are handed on across a reload; the start-up self-test runs here.
+        earlier = previous.blocklists if previous is not None else None
+        self.blocklists: Optional[Blocklists] = None
+        if config.dnsbl is not None:
+            self.blocklists = Blocklists(config.dnsbl, earlier)
+            self.blocklists.start()
+        elif earlier is not None:
+            earlier.retire()
         # The config is frozen per Runtime, so what an address resolves to is
         # too: memoised here, dropped with the Runtime on reload.
         self.rcpt_memo: dict[str, Destination] = {}

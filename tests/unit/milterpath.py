@@ -99,6 +99,8 @@ class Conn:
 class MapSources:
     """policy.session.Sources over in-memory maps; counts the relayers questions asked."""
 
+    blocklists: Any = None      # no DNS blocklist unless a test sets one
+
     def __init__(self, policy: RcptPolicy, relayers: Optional[dict[str, int]] = None,
                  spammers: AbstractSet[str] = frozenset(), error: Optional[Exception] = None,
                  spammers_error: Optional[Exception] = None,

@@ -12,6 +12,7 @@ import pytest
 from relaymilter import config as cfgmod
 from relaymilter.cli.milter import main as milter_main
 from relaymilter.config import load_config, rules_dir
+from relaymilter.dnsbl.settings import DNSBL_KEYS
 from relaymilter.errors import ConfigError
 from relaymilter.guardconfig import LIMITS_KEYS
 from relaymilter.policy.modes import FAMILIES
@@ -65,6 +66,7 @@ def test_sample_documents_every_key_and_only_real_keys():
     schema |= {"limits.%s" % k for k in LIMITS_KEYS} | {"modes.%s" % k for k in FAMILIES}
     schema |= {"local_recipients.%s" % k for k in cfgmod.LOCAL_RECIPIENTS_KEYS}
     schema |= {"metrics.%s" % k for k in cfgmod.METRICS_KEYS}
+    schema |= {"dnsbl.%s" % k for k in DNSBL_KEYS}
     assert sample_keys() == schema
 
 

@@ -25,6 +25,7 @@ from relaymilter import config as rconfig
 from relaymilter.cli import entry
 from relaymilter.guardconfig import LIMITS_KEYS
 from relaymilter.policy.modes import FAMILIES
+from relaymilter.dnsbl.settings import DNSBL_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "packaging" / "man"
@@ -107,7 +108,7 @@ def test_man_page_names_every_option(name):
 
 # --- configuration keys: sample == relaymilter.yaml(5) == schema ---------------------------
 
-NESTED = ("relayers", "spammers", "popwatch", "limits", "modes", "local_recipients", "metrics")
+NESTED = ("relayers", "spammers", "popwatch", "limits", "modes", "local_recipients", "metrics", "dnsbl")
 
 
 def sample_keys() -> set[str]:
@@ -136,7 +137,8 @@ def schema_keys() -> set[str]:
     keys = set(rconfig.TOP_KEYS)
     for parent, subs in (("relayers", rconfig.RELAYERS_KEYS), ("spammers", rconfig.SPAMMERS_KEYS),
                          ("popwatch", rconfig.POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES),
-                         ("local_recipients", rconfig.LOCAL_RECIPIENTS_KEYS), ("metrics", rconfig.METRICS_KEYS)):
+                         ("local_recipients", rconfig.LOCAL_RECIPIENTS_KEYS), ("metrics", rconfig.METRICS_KEYS),
+                         ("dnsbl", DNSBL_KEYS)):
         keys.update("%s.%s" % (parent, s) for s in subs)
     return keys
 
@@ -172,7 +174,9 @@ def test_man_page_defaults_match_the_sample():
         if isinstance(value, list):
             assert yaml.safe_load(shown) == value, (key, shown)
         else:
-            assert shown == {None: "null", True: "true", False: "false"}.get(value, str(value)), (key, shown, value)
+            # (not a dict lookup: 1 == True would show a 1 as "true")
+            expected = "null" if value is None else "true" if value is True else "false" if value is False else str(value)
+            assert shown == expected, (key, shown, value)
         checked += 1
     assert checked >= 20
 

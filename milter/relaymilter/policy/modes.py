@@ -16,6 +16,9 @@ DESCRIPTION
                    suspended
         local_recipients
                    unknown_recipient (a local user no source knows)
+        dnsbl      dnsbl (a listed stranger), dnsbl_unavailable (a list could
+                   not be asked and on_error is tempfail: it only guards a
+                   refusal that warn mode would not make)
 
     A temporary failure because a map cannot be read (relayers_unavailable,
     spammers_unavailable, internal_error) is not a rule's refusal and is
@@ -42,8 +45,10 @@ FAMILY_OF_RULE = {
     "spammers": "spammers",
     **{rule: "limits" for rule in LIMIT_RULES},
     "unknown_recipient": "local_recipients",
+    "dnsbl": "dnsbl",
+    "dnsbl_unavailable": "dnsbl",
 }
-FAMILIES = ("relay", "spammers", "limits", "local_recipients")
+FAMILIES = ("relay", "spammers", "limits", "local_recipients", "dnsbl")
 MODES = ("enforce", "warn")
 
 

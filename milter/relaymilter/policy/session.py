@@ -34,10 +34,16 @@ DESCRIPTION
                         be read (recipients_unavailable); the verdict names
                         the source that knew a known user.
       3. relay domain   Place.RELAY -> Continue(relay_domain).
-         [dnsbl] comes after 2 and 3, before the Continue is returned: it
-                        receives the session (standing(), client) and applies
-                        only to a STRANGER whose recipient would otherwise be
-                        accepted.
+         [dnsbl] comes after 2 and 3, before the Continue is returned
+                        (Sources.blocklists; None when no list is
+                        configured): only for a STRANGER (or UNAVAILABLE)
+                        client with an IP, whose recipient is not exempt
+                        (postmaster).  The lists are asked once per
+                        connection (Blocklists.check); a listing refuses
+                        (554, or 451 4.3.0 relayers_unavailable when
+                        relayers.db cannot say the client is no user), a
+                        lookup that failed may tempfail (451 4.7.1).  Users
+                        - trusted, AUTH, relayers.db - cause no DNS query.
       4. client rules   Place.ELSEWHERE or UNPARSED: standing() TRUSTED,
                         AUTHENTICATED or LISTED -> Continue(rule);
                         UNAVAILABLE -> 451 4.3.0 relayers_unavailable.
@@ -90,6 +96,7 @@ from relaymilter.policy.decision import Continue, Decision, TempFail
 from relaymilter.policy.limits import Guard, Txn
 from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
+from relaymilter.policy.address import Resolved
 from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place, RcptPolicy
 from relaymilter.policy.recipients import Lookup, check, query
 
@@ -104,6 +111,23 @@ class Standing(enum.Enum):
     UNAVAILABLE = "relayers_unavailable"
 
 
+class Blocklisted(NamedTuple):
+    """What the DNS blocklists say about a client: a refusal (None: none) and the log text."""
+
+    decision: Optional[Decision]
+    note: str
+
+
+class Blocklists(Protocol):
+    """The DNS blocklist step (relaymilter.dnsbl.rules.Blocklists)."""
+
+    def exempt(self, resolved: Optional[Resolved]) -> bool:
+        """Whether a recipient is always accepted (postmaster, abuse)."""
+
+    def check(self, key: str) -> Blocklisted:
+        """Ask the lists about the client whose relayers key (its IP) is *key*."""
+
+
 class Sources(Protocol):
     """What a session decides with: the policy and its maps (relaymilter.runtime.Runtime)."""
 
@@ -112,6 +136,7 @@ class Sources(Protocol):
     # the sources as they are now, asked for once per transaction; None: not configured.
     local_recipients: Optional[Callable[[], Lookup]]
     recipient_delimiter: str
+    blocklists: Optional[Blocklists]       # None: no DNS blocklist configured
 
     def destination(self, rcpt: str) -> Destination:
         """policy.rcpt.destination() for *rcpt* (may be memoised)."""
@@ -133,12 +158,14 @@ class Sources(Protocol):
 class RcptVerdict(NamedTuple):
     """A RCPT decision and the destination it was made for (the log line shows both).
 
-    *source* names the local_recipients source that knew a local user.
+    *source* names the local_recipients source that knew a local user; *note*
+    is what a rule step adds to the log line after the rule (dnsbl: site=...).
     """
 
     decision: Decision
     destination: Destination
     source: Optional[str] = None
+    note: str = ""
 
 
 LOCAL_DOMAIN = Continue("local_domain")
@@ -151,7 +178,7 @@ class Session:
     """One SMTP connection's decisions, in the order the MTA asks for them."""
 
     __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing", "guard", "modes", "txn", "warned",
-                 "note", "_cause", "_known")
+                 "note", "_cause", "_known", "_blocklisted")
 
     def __init__(self, sources: Sources, clock: Callable[[], float] = time.time) -> None:
         self.sources = sources
@@ -167,6 +194,7 @@ class Session:
         self.note = ""                      # what the last verdict's log line adds (user=...)
         self._known: Optional[Lookup] = None     # local_recipients as of this transaction
         self._cause = ""                    # why relayers.db was unavailable, for the log line
+        self._blocklisted: Optional[Blocklisted] = None     # the lists' answer, once per connection
 
     def connect(self, client: Client) -> None:
         """A new SMTP session from *client* (RcptPolicy.client / local_client, or UNKNOWN_CLIENT)."""
@@ -175,6 +203,7 @@ class Session:
         self.sender = "<>"
         self._standing = None
         self._known = None
+        self._blocklisted = None
 
     def mail(self, sender: str, auth: Optional[str]) -> Decision:
         """MAIL FROM: a new transaction; refuse a sender listed in the spammers map."""
@@ -215,17 +244,12 @@ class Session:
         self.warned, self.note = None, ""
         dest = self.sources.destination(rcpt)
         place = dest.place
-        if place is Place.LOCAL:
-            factory = self.sources.local_recipients
-            if factory is None or dest.resolved is None:
-                return RcptVerdict(LOCAL_DOMAIN, dest)
-            lookup = self._known
-            if lookup is None:          # the sources are checked for changes once per transaction
-                lookup = self._known = factory()
-            known = check(query(dest.resolved, self.sources.recipient_delimiter), lookup)
-            return RcptVerdict(self._warn(known.decision), dest, known.source)
-        if place is Place.RELAY:
-            return RcptVerdict(RELAY_DOMAIN, dest)
+        if place is Place.LOCAL or place is Place.RELAY:
+            verdict = self._local(dest) if place is Place.LOCAL else RcptVerdict(RELAY_DOMAIN, dest)
+            lists = self.sources.blocklists
+            if lists is None or type(verdict.decision) is not Continue or lists.exempt(dest.resolved):
+                return verdict
+            return self._blocklists(lists, verdict)
         standing = self.standing()
         granted = _GRANTED.get(standing)
         if granted is not None:
@@ -233,6 +257,17 @@ class Session:
         if standing is Standing.UNAVAILABLE:
             return RcptVerdict(TempFail(RELAYERS_UNAVAILABLE.reply, RELAYERS_UNAVAILABLE.rule, self._cause), dest)
         return RcptVerdict(self._warn(dest.refusal), dest)
+
+    def _local(self, dest: Destination) -> RcptVerdict:
+        """A local-domain recipient: known to a local_recipients source, when any is configured."""
+        factory = self.sources.local_recipients
+        if factory is None or dest.resolved is None:
+            return RcptVerdict(LOCAL_DOMAIN, dest)
+        lookup = self._known
+        if lookup is None:          # the sources are checked for changes once per transaction
+            lookup = self._known = factory()
+        known = check(query(dest.resolved, self.sources.recipient_delimiter), lookup)
+        return RcptVerdict(self._warn(known.decision), dest, known.source)
 
     def _limits(self, standing: Standing, granted: Decision) -> Decision:
         """A relayed recipient: named, and (AUTHENTICATED or LISTED) counted against the limits."""
@@ -244,6 +279,23 @@ class Session:
         step = guard.at_rcpt(self.txn, key, self.auth, self.clock(), "limits" in self.modes.warn)
         self.note, self.warned = step.note, step.would
         return step.refusal if step.refusal is not None else granted
+
+    def _blocklists(self, lists: Blocklists, accepted: RcptVerdict) -> RcptVerdict:
+        """The dnsbl step: strangers only, asked once per connection (see the module notes)."""
+        standing = self.standing()
+        if (standing is not Standing.STRANGER and standing is not Standing.UNAVAILABLE) or not self.client.key:
+            return accepted
+        found = self._blocklisted
+        if found is None:
+            found = self._blocklisted = lists.check(self.client.key)
+        dest = accepted.destination
+        if found.decision is None:
+            return RcptVerdict(accepted.decision, dest, accepted.source, found.note)
+        decision = self._warn(found.decision)       # warn-only mode: a pass, the refusal kept in warned
+        if standing is Standing.UNAVAILABLE and decision is found.decision:
+            # listed, but it may be a user: relayers.db cannot say
+            decision = TempFail(RELAYERS_UNAVAILABLE.reply, RELAYERS_UNAVAILABLE.rule, self._cause)
+        return RcptVerdict(decision, dest, accepted.source, found.note)
 
     def standing(self) -> Standing:
         """The client's standing in this transaction, worked out at most once per transaction."""

@@ -1,0 +1,78 @@
+"""NAME
+    relaymilter.dnsbl.rules - the dnsbl step of the RCPT decision
+
+DESCRIPTION
+    Blocklists is what policy.session asks (its Blocklists protocol) for a
+    stranger whose recipient would otherwise be accepted: whether the
+    recipient is exempt (exempt_recipients: local parts such as postmaster),
+    and what the lists say about the client, as a decision and a log note:
+
+        listed   Reject(reply from the template, "dnsbl")
+                 note: site=zen.spamhaus.org answer=127.0.0.4 weight=3/3
+        unknown  TempFail(451 4.7.1, "dnsbl_unavailable") - on_error
+                 tempfail, and a failed list could change the outcome
+        clean    no decision; note: dnsbl=pass weight=0/3
+    and a failed list adds "dnsbl_error site=... answer=... (meaning)" to
+    the note in every case.
+
+    Runtime makes one per configuration (start() runs the start-up
+    self-test); a reload hands the previous one on, so verified lists and
+    cached answers survive it.
+
+DIAGNOSTICS
+    A client key that is not an IP address (none reaches here: the session
+    only asks for clients with one) is answered "not listed".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional
+
+from relaymilter import replies
+from relaymilter.dnsbl.checker import Dnsbl
+from relaymilter.dnsbl.settings import DnsblConfig
+from relaymilter.policy.address import Resolved
+from relaymilter.policy.decision import Reject, TempFail
+from relaymilter.policy.session import Blocklisted
+
+UNAVAILABLE = TempFail(replies.DNSBL_UNAVAILABLE, "dnsbl_unavailable")
+
+
+class Blocklists:
+    """policy.session.Blocklists for one dnsbl configuration."""
+
+    def __init__(self, config: DnsblConfig, previous: Optional["Blocklists"] = None) -> None:
+        self.config = config
+        self.dnsbl: Dnsbl = Dnsbl(config, previous.dnsbl if previous is not None else None)
+        self._exempt = config.exempt_recipients
+
+    def start(self) -> None:
+        """The start-up self-test of every list (bounded by the timeout)."""
+        self.dnsbl.start()
+
+    def exempt(self, resolved: Optional[Resolved]) -> bool:
+        if resolved is None:
+            return False
+        local = resolved.local_part
+        if len(local) > 1 and local[0] == '"' and local[-1] == '"':
+            local = local[1:-1]
+        return local.lower() in self._exempt
+
+    def check(self, key: str) -> Blocklisted:
+        try:
+            ip = ipaddress.ip_address(key)
+        except ValueError:
+            return Blocklisted(None, "")
+        verdict = self.dnsbl.lookup(ip)
+        note = verdict.detail()
+        if verdict.outcome == "listed":
+            top = verdict.top
+            assert top is not None          # a score >= threshold >= 1 needs a positive listing
+            return Blocklisted(Reject(self.config.refusal(key, top.site.zone, top.reason), "dnsbl"), note)
+        if verdict.outcome == "unknown":
+            return Blocklisted(UNAVAILABLE, note)
+        return Blocklisted(None, "dnsbl=pass " + note)
+
+    def retire(self) -> None:
+        self.dnsbl.retire()
