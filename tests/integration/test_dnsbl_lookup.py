@@ -241,3 +241,26 @@ def test_asker_pool_answers_in_order(dns):
 def test_zone_helper_lists_ipv6_by_nibbles():
     z = Zone("x.test").list_ip("2001:db8::30")
     assert list(z.records) == ["0.3." + "0." * 22 + "8.b.d.0.1.0.0.2"]
+
+
+def test_whole_answers_kept_per_client_until_a_list_changes_state(dns):
+    from relaymilter.dnsbl.rules import Blocklists
+
+    lists = Blocklists(config(dns, "bl.test", "odd.test", timeout=0.5))
+    lists.start()
+    first = lists.check("127.0.0.30")
+    assert first.decision.rule == "dnsbl" and first.note == "site=bl.test,odd.test answer=127.0.0.4,127.0.0.2 weight=2/1"
+    assert str(first.decision.reply) == ("554 5.7.1 Service unavailable; Client host [127.0.0.30] blocked using "
+                                         "bl.test; Listed for testing; see http://bl.test/query/127.0.0.30")
+    dns.clear()
+    assert lists.check("127.0.0.30") is first and dns.queries() == []
+    dns.zones["bl.test"].list_ip("127.0.0.1")           # bl.test now fails its self-test
+    lists.dnsbl.self_test()
+    dns.clear()
+    again = lists.check("127.0.0.30")                   # not the kept answer: bl.test is set aside
+    assert again.note == "site=odd.test answer=127.0.0.2 weight=1/1" and dns.queries() == []
+    assert lists.check("127.0.0.33").note == "dnsbl=pass weight=0/1 dnsbl_error site=odd.test answer=127.255.255.255 " \
+                                              "(too many queries)"
+    lists.check("127.0.0.33")
+    assert dns.asked("33.0.0.127.odd.test", "A") == 2   # an answer with an error is never kept
+    assert lists.check("not an address").decision is None

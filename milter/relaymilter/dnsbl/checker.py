@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from relaymilter.dnsbl.lookup import CLEAN, ERROR, LISTED, Asker, SiteAnswer, make_resolver
+from relaymilter.dnsbl.lookup import CLEAN, ERROR, LISTED, TTL_MAX, Asker, SiteAnswer, make_resolver
 from relaymilter.dnsbl.settings import DnsblConfig
 from relaymilter.dnsbl.sites import TEST_LISTED, TEST_UNLISTED, Site, query_name
 
@@ -73,6 +73,7 @@ class Verdict:
     threshold: int
     listings: tuple[SiteAnswer, ...]     # answers that list (or, weight < 0, allowlist) the client
     errors: tuple[SiteAnswer, ...]
+    expires: float = 0.0                 # time.monotonic() until which it holds (0: not to be kept)
 
     @property
     def top(self) -> Optional[SiteAnswer]:
@@ -100,7 +101,7 @@ class _State:
     why: str = ""
 
 
-def judge(answers: list[SiteAnswer], threshold: int, on_error: str) -> Verdict:
+def judge(answers: list[SiteAnswer], threshold: int, on_error: str, expires: float = 0.0) -> Verdict:
     """Sum the weights of the listing answers and compare with *threshold* (see the module notes)."""
     listings = tuple(a for a in answers if a.status == LISTED)
     errors = tuple(a for a in answers if a.status == ERROR)
@@ -111,7 +112,7 @@ def judge(answers: list[SiteAnswer], threshold: int, on_error: str) -> Verdict:
         outcome = "listed" if low >= threshold else "clean" if high < threshold else "unknown"
     else:
         outcome = "listed" if score >= threshold else "clean"
-    return Verdict(outcome, score, threshold, listings, errors)
+    return Verdict(outcome, score, threshold, listings, errors, 0.0 if errors else expires)
 
 
 class Dnsbl:
@@ -140,6 +141,7 @@ class Dnsbl:
         self._thread_pid = 0
         self._retired = False
         self._lock = threading.Lock()
+        self.generation = 0             # changes whenever a list is set aside or back in use
         if previous is not None:
             previous.retire()
 
@@ -153,6 +155,7 @@ class Dnsbl:
         cache = self._cache
         answers: list[SiteAnswer] = []
         questions: list[tuple[Site, str]] = []
+        expires = now + TTL_MAX
         for site in self.sites:
             state = self.states[site.zone].status
             if state == ASIDE:
@@ -164,6 +167,7 @@ class Dnsbl:
             hit = cache.get(qname)
             if hit is not None and hit[0] > now:
                 answers.append(hit[1])
+                expires = min(expires, hit[0])
             else:
                 questions.append((site, qname))
         if questions:
@@ -174,8 +178,9 @@ class Dnsbl:
                     self.errors[(ans.site.zone, ans.answer and "%s (%s)" % (ans.answer, ans.error) or ans.error)] += 1
                 elif ans.ttl > 0:
                     self._remember(qname, done + ans.ttl, ans)
+                expires = min(expires, done + ans.ttl)
             answers.extend(fresh)
-        return judge(answers, self.config.threshold, self.config.on_error)
+        return judge(answers, self.config.threshold, self.config.on_error, expires)
 
     def _remember(self, qname: str, expires: float, answer: SiteAnswer) -> None:
         cache = self._cache
@@ -225,6 +230,8 @@ class Dnsbl:
             if state.status != ASIDE or state.why != failure:
                 log.error("dnsbl: %s set aside: RFC 5782 self-test failed: %s; not used until it passes",
                           site.zone, failure)
+            if state.status != ASIDE:
+                self.generation += 1
             state.status, state.why = ASIDE, failure
         elif state.status != OK:
             if state.status == ASIDE:
@@ -232,6 +239,7 @@ class Dnsbl:
             else:
                 log.info("dnsbl: %s passes its self-test; in use (%s)", site.zone, site.spec)
             state.status, state.why = OK, ""
+            self.generation += 1
 
     def report_errors(self) -> None:
         """Log and reset the error counts since the last report."""

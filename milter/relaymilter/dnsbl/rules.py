@@ -27,6 +27,7 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Optional
 
 from relaymilter import replies
@@ -37,6 +38,9 @@ from relaymilter.policy.decision import Reject, TempFail
 from relaymilter.policy.session import Blocklisted
 
 UNAVAILABLE = TempFail(replies.DNSBL_UNAVAILABLE, "dnsbl_unavailable")
+MEMO_MAX = 20000        # clients whose whole answer is kept (cleared when full)
+
+_monotonic = time.monotonic
 
 
 class Blocklists:
@@ -46,6 +50,9 @@ class Blocklists:
         self.config = config
         self.dnsbl: Dnsbl = Dnsbl(config, previous.dnsbl if previous is not None else None)
         self._exempt = config.exempt_recipients
+        # Whole answers per client for as long as every answer behind them holds
+        # (the cached path of the milter: one dict lookup); none with an error.
+        self._memo: dict[str, tuple[float, int, Blocklisted]] = {}
 
     def start(self) -> None:
         """The start-up self-test of every list (bounded by the timeout)."""
@@ -60,19 +67,31 @@ class Blocklists:
         return local.lower() in self._exempt
 
     def check(self, key: str) -> Blocklisted:
+        dnsbl = self.dnsbl
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] > _monotonic() and hit[1] == dnsbl.generation:
+            return hit[2]
         try:
             ip = ipaddress.ip_address(key)
         except ValueError:
             return Blocklisted(None, "")
-        verdict = self.dnsbl.lookup(ip)
+        generation = dnsbl.generation
+        verdict = dnsbl.lookup(ip)
         note = verdict.detail()
         if verdict.outcome == "listed":
             top = verdict.top
             assert top is not None          # a score >= threshold >= 1 needs a positive listing
-            return Blocklisted(Reject(self.config.refusal(key, top.site.zone, top.reason), "dnsbl"), note)
-        if verdict.outcome == "unknown":
-            return Blocklisted(UNAVAILABLE, note)
-        return Blocklisted(None, "dnsbl=pass " + note)
+            found = Blocklisted(Reject(self.config.refusal(key, top.site.zone, top.reason), "dnsbl"), note)
+        elif verdict.outcome == "unknown":
+            found = Blocklisted(UNAVAILABLE, note)
+        else:
+            found = Blocklisted(None, "dnsbl=pass " + note)
+        if verdict.expires:
+            memo = self._memo
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[key] = (verdict.expires, generation, found)
+        return found
 
     def retire(self) -> None:
         self.dnsbl.retire()
