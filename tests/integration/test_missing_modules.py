@@ -39,8 +39,8 @@ for _module, _info in sorted(pydeps.MODULES.items()):
 NEEDS = {
     "relaymilter --check-config (file store)": {"PyYAML"},
     "relaymilter --check-config (Redis store)": {"PyYAML", "redis"},
-    "relaymilter (serve)": {"PyYAML", "pymilter", "berkeleydb"},
-    "relaymilter (serve, metrics)": {"PyYAML", "pymilter", "berkeleydb", "prometheus_client"},
+    "relaymilter (serve)": {"PyYAML", "pymilter", "berkeleydb", "dnspython"},
+    "relaymilter (serve, metrics)": {"PyYAML", "pymilter", "berkeleydb", "prometheus_client", "dnspython"},
     "vsmtprelay add (file)": {"berkeleydb"},
     "vsmtprelay add (Redis)": {"berkeleydb", "redis"},
     "vnewspammers": {"PyYAML", "berkeleydb"},

@@ -37,7 +37,6 @@ from typing import Optional, Sequence
 
 import dns.exception
 import dns.message
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
@@ -70,7 +69,10 @@ class SiteAnswer:
 def make_resolver(nameservers: Sequence[Nameserver], timeout: float) -> dns.resolver.Resolver:
     """A Resolver that asks exactly *nameservers*, never /etc/resolv.conf or a search list."""
     res = dns.resolver.Resolver(configure=False)
-    res.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
+    # Ports per address, set before the addresses: dnspython 2.3 (Debian 12)
+    # reads them at query time, later versions when the list is set.
+    res.nameserver_ports = {ns.host: ns.port for ns in nameservers}
+    res.nameservers = [ns.host for ns in nameservers]
     res.timeout = timeout
     res.lifetime = timeout
     res.cache = None

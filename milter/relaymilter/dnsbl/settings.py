@@ -143,6 +143,8 @@ def load_dnsbl(top: Mapping) -> Optional[DnsblConfig]:
     if len(set(zones)) != len(zones):
         raise m.err("sites", "a list is named twice")
     nameservers = tuple(m.str_list("nameservers", check=parse_nameserver))
+    if len({ns.host for ns in nameservers}) != len(nameservers):
+        raise m.err("nameservers", "an address is named twice (one port per address)")
     on_error = m.str("on_error", "skip")
     if on_error not in ("skip", "tempfail"):
         raise m.err("on_error", "must be skip or tempfail")
