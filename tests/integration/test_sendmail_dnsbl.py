@@ -24,6 +24,7 @@ from milterproc import MilterProcess
 
 LOCAL = ("local.test",)
 TIMEOUT = 1.0
+WORKERS = 2         # libmilter worker processes; each keeps its own answers
 # sendmail puts no "<addr>... " before a 554 (it does before a 550)
 LISTED_REPLY = (554, "5.7.1 Service unavailable; Client host [127.0.0.30] blocked using bl.test; "
                 "Listed for testing; see http://bl.test/query/127.0.0.30")
@@ -41,6 +42,7 @@ def settings(dns: DnsServer, on_error: str = "skip") -> dict:
     return {
         "local_domains": list(LOCAL),
         "trusted_networks": ["127.0.0.1/32", "127.0.0.37/32"],
+        "workers": WORKERS,
         "dnsbl": {"sites": sites(), "nameservers": [dns.nameserver], "timeout": TIMEOUT, "on_error": on_error},
     }
 
@@ -110,9 +112,9 @@ def test_listed_stranger_refused_for_local_recipient_but_not_postmaster(rig):
 
 def test_answers_cached_across_connections(rig):
     dns, milter, mx, quiet = rig
-    for _ in range(3):
+    for _ in range(6):
         assert codes(mta.rcpt_replies(mx.port, "127.0.0.35", "<a@example.net>", ["<alice@local.test>"])) == [554]
-    assert dns.asked("35.0.0.127.bl.test", "A") == 1
+    assert 1 <= dns.asked("35.0.0.127.bl.test", "A") <= WORKERS
 
 
 def test_users_relay_with_no_dns_query(rig):
