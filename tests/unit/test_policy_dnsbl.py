@@ -14,7 +14,7 @@ import pytest
 from milterpath import NOW, MapSources, policy, session
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
-from relaymilter.policy.address import Resolved
+from relaymilter.address.resolve import Resolved
 from relaymilter.policy.decision import Continue, Reject, TempFail
 from relaymilter.policy.session import Blocklisted
 

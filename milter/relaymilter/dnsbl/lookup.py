@@ -93,7 +93,7 @@ def _negative_ttl(response: Optional[dns.message.Message]) -> int:
         return 0
     for rrset in response.authority:
         if rrset.rdtype == dns.rdatatype.SOA:
-            return max(0, min(rrset.ttl, rrset[0].minimum, TTL_MAX))  # type: ignore[attr-defined]
+            return max(0, min(rrset.ttl, rrset[0].minimum, TTL_MAX))
     return 0
 
 
@@ -127,7 +127,7 @@ def ask_site(resolver: dns.resolver.Resolver, site: Site, qname: str, deadline: 
     if ans.rrset is None:
         return SiteAnswer(site, CLEAN, ttl=_negative_ttl(ans.response))
     ttl = min(ans.rrset.ttl, TTL_MAX)
-    addresses = sorted(r.address for r in ans.rrset)  # type: ignore[attr-defined]
+    addresses = sorted(r.address for r in ans.rrset)
     for addr in addresses:
         meaning = answer_meaning(addr)
         if meaning is not None:
@@ -141,7 +141,7 @@ def ask_site(resolver: dns.resolver.Resolver, site: Site, qname: str, deadline: 
         try:
             txt = resolver.resolve(qname, "TXT", lifetime=left, raise_on_no_answer=False, search=False)
             if txt.rrset is not None:
-                reason = clean_reason([s for r in txt.rrset for s in r.strings])  # type: ignore[attr-defined]
+                reason = clean_reason([s for r in txt.rrset for s in r.strings])
                 ttl = min(ttl, txt.rrset.ttl)
         except dns.exception.DNSException:
             pass    # the listing stands; only its reason is missing

@@ -33,7 +33,7 @@ from typing import Optional
 from relaymilter import replies
 from relaymilter.dnsbl.checker import Dnsbl
 from relaymilter.dnsbl.settings import DnsblConfig
-from relaymilter.policy.address import Resolved
+from relaymilter.address.resolve import Resolved
 from relaymilter.policy.decision import Reject, TempFail
 from relaymilter.policy.session import Blocklisted
 

@@ -96,7 +96,7 @@ from relaymilter.policy.decision import Continue, Decision, TempFail
 from relaymilter.policy.limits import Guard, Txn
 from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
-from relaymilter.policy.address import Resolved
+from relaymilter.address.resolve import Resolved
 from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place, RcptPolicy
 from relaymilter.policy.recipients import Lookup, check, query
 
@@ -136,7 +136,10 @@ class Sources(Protocol):
     # the sources as they are now, asked for once per transaction; None: not configured.
     local_recipients: Optional[Callable[[], Lookup]]
     recipient_delimiter: str
-    blocklists: Optional[Blocklists]       # None: no DNS blocklist configured
+
+    @property
+    def blocklists(self) -> Optional[Blocklists]:
+        """The DNS blocklist step, None when no list is configured."""
 
     def destination(self, rcpt: str) -> Destination:
         """policy.rcpt.destination() for *rcpt* (may be memoised)."""
