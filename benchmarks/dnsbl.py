@@ -2,13 +2,15 @@
 """DNS blocklist benchmark: relaymilter with a dnsbl section against relaymilter without one.
 
     python3 benchmarks/dnsbl.py [--concurrency 8] [--seconds 12] [--rounds 6] [--warmup 4] [--procs 1]
+                                [--workers 1]
 
 Two workloads, each measured in alternating rounds (A B, B A, ...) in ONE run, so
 that load from other processes hits both variants alike; the per-round ratios show
 that noise. Both relaymilters are real processes (tests/integration/milterproc.py);
 the DNS server is tests/dnsserver.py on 127.0.0.1 (dnslib, in this process: it is idle
 while the forked generator processes of benchmarks/milter_loadgen.py send the load).
-The dnsbl variant asks two lists (bl.test, second.test), timeout 2 s.
+The dnsbl variant asks two lists (bl.test, second.test), timeout 2 s. Both run
+--workers libmilter worker processes (default 1).
 
 1. cached: 2,000 stranger clients (172.21.0.0/16, listed nowhere), each session
    connect, MAIL, three local RCPTs (all must continue). Before the rounds every
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=6, help="alternating rounds per variant (default 6)")
     p.add_argument("--warmup", type=float, default=4.0, help="unmeasured seconds per variant first (default 4)")
     p.add_argument("--procs", type=int, default=1, help="generator processes (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="milter worker processes, both variants (default 1: each worker keeps its own answers, "
+                        "so with more the warm-up would have to reach every one)")
     p.add_argument("--fresh", type=int, default=40000,
                    help="new clients prepared per uncached round (default 40000; must exceed its sessions)")
     return p
@@ -89,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for z in zones:
         z.negative_ttl = 3600
     dns = DnsServer(zones).start()
-    base = {"local_domains": ["local.test"], "trusted_networks": ["127.0.0.1/32"]}
+    base = {"local_domains": ["local.test"], "trusted_networks": ["127.0.0.1/32"], "workers": opts.workers}
     with_lists = {**base, "dnsbl": {"sites": SITES, "nameservers": [dns.nameserver], "timeout": 2.0}}
     milters: Dict[str, MilterProcess] = {}
     errors: List[str] = []
