@@ -29,8 +29,7 @@ Stdlib only: part of the pure policy core.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
@@ -48,48 +47,56 @@ LOOKUP_FAILED = TempFail(replies.RECIPIENT_LOOKUP_FAILED, "recipients_unavailabl
 Lookup = Callable[[tuple[str, ...], Optional[str]], Optional[str]]
 
 
-@dataclass(frozen=True)
-class Query:
+class Query(NamedTuple):
     """The keys a local recipient is looked up by: local parts (most specific first) and domain."""
 
     locals: tuple[str, ...]
-    domain: str | None
+    domain: Optional[str]
 
     def __str__(self) -> str:
         return self.locals[0] if self.domain is None else "%s@%s" % (self.locals[0], self.domain)
 
 
-@dataclass(frozen=True)
-class RecipientCheck:
+class RecipientCheck(NamedTuple):
     """check()'s decision and, for a known user, the source that knew it ("postmaster" for the exempt names)."""
 
     decision: Decision
-    source: str | None = None
+    source: Optional[str] = None
 
 
-def query(resolved: Resolved, delimiter: str = "") -> Query | None:
+# check()'s answers are values: made once (a tuple costs less than a frozen dataclass per RCPT).
+_EXEMPT = RecipientCheck(KNOWN, "postmaster")
+_UNKNOWN = RecipientCheck(USER_UNKNOWN)
+_FAILED = RecipientCheck(LOOKUP_FAILED)
+_KNOWN_BY = {kind: RecipientCheck(KNOWN, kind) for kind in ("passwd", "aliases", "list", "map")}
+
+
+def query(resolved: Resolved, delimiter: str = "") -> Optional[Query]:
     """The lookup keys of a local recipient, or None for a name that is always known."""
     local = resolved.local_part
     # dequote walks the text character by character: only a quoted or escaped local part needs it.
     local = ascii_lower(dequote(local) if '"' in local or "\\" in local else local)
-    locals_: tuple[str, ...] = (local,)
     if delimiter:
         cut = min((i for i in (local.find(ch) for ch in delimiter) if i > 0), default=-1)
         if cut > 0:
-            locals_ = (local, local[:cut])
-    if any(name in ALWAYS_KNOWN for name in locals_):
+            base = local[:cut]
+            if local in ALWAYS_KNOWN or base in ALWAYS_KNOWN:
+                return None
+            return Query((local, base), resolved.domain)
+    if local in ALWAYS_KNOWN:
         return None
-    return Query(locals_, resolved.domain)
+    return Query((local,), resolved.domain)
 
 
-def check(q: Query | None, lookup: Lookup) -> RecipientCheck:
+def check(q: Optional[Query], lookup: Lookup) -> RecipientCheck:
     """The decision for one local recipient (see the module notes)."""
     if q is None:
-        return RecipientCheck(KNOWN, "postmaster")
+        return _EXEMPT
     try:
-        source = lookup(q.locals, q.domain)
+        source = lookup(q[0], q[1])
     except StoreUnavailable:
-        return RecipientCheck(LOOKUP_FAILED)
+        return _FAILED
     if source is None:
-        return RecipientCheck(USER_UNKNOWN)
-    return RecipientCheck(KNOWN, source)
+        return _UNKNOWN
+    known = _KNOWN_BY.get(source)
+    return known if known is not None else RecipientCheck(KNOWN, source)
