@@ -485,3 +485,16 @@ def test_snapshot_of_a_file_changed_a_moment_ago_does_not_refuse(tmp_path):
     assert snap.lookup(("alice",), None) == "list"
     with pytest.raises(StoreUnavailable, match="changed a moment ago"):
         snap.lookup(("nobody",), None)
+
+
+def test_check_config_names_the_sources(tmp_path, capsys):
+    from relaymilter.cli.milter import main as milter_main
+
+    ali = write(tmp_path, "aliases", "root: a\n")
+    mp = makemap(tmp_path, "virt", "a b\n")
+    path = config(tmp_path, "local_recipients:\n  passwd: true\n  aliases: [%s]\n  maps: [%s, %s]\n" % (ali, mp, mp))
+    assert milter_main(["-c", path, "--check-config"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("local recipients from passwd, 1 aliases, 2 maps")
+    Path(ali).write_text("broken\n")
+    assert milter_main(["-c", path, "--check-config"]) == 2
+    assert "%s:1: missing colon" % ali in capsys.readouterr().err

@@ -92,6 +92,12 @@ def describe(config: Config) -> str:
     extra = ", limits %s" % " ".join("%s=%d" % kv for kv in sorted(limits.items())) if limits else ""
     if limits and config.limits is not None and config.limits.suspend_minutes:
         extra += " suspend=%dmin" % config.limits.suspend_minutes
+    lr = config.local_recipients
+    if lr.enabled:
+        named = (["passwd"] if lr.passwd else []) + ["%d %s" % (len(paths), kind) for kind, paths in
+                                                     (("aliases", lr.aliases), ("lists", lr.lists), ("maps", lr.maps))
+                                                     if paths]
+        extra += ", local recipients from %s" % ", ".join(named)
     if config.modes.warn:
         extra += ", warn only: %s" % " ".join(sorted(config.modes.warn))
     return "%s: %d local names, %d relay domains, %d trusted networks, relayers %s%s, spammers %s%s" % (
