@@ -30,6 +30,7 @@ class ListsTable:
     def __init__(self, answers: dict[str, Blocklisted]) -> None:
         self.answers = answers
         self.asked: list[str] = []
+        self.kept: dict[str, Blocklisted] = {}      # answers the lists keep (known(): no DNS)
 
     def exempt(self, resolved: Optional[Resolved]) -> bool:
         return resolved is not None and resolved.local_part.lower() in ("postmaster", "abuse")
@@ -37,6 +38,9 @@ class ListsTable:
     def check(self, key: str) -> Blocklisted:
         self.asked.append(key)
         return self.answers.get(key, CLEAN)
+
+    def known(self, key: str) -> Optional[Blocklisted]:
+        return self.kept.get(key)
 
 
 POLICY = policy({"local.test"}, {"relayed.test"}, trusted=("127.0.0.0/8", "192.0.2.0/24"))
@@ -119,3 +123,14 @@ def test_a_client_without_an_address_is_not_looked_up():
 def test_no_lists_no_step():
     src = MapSources(POLICY, {})
     assert session(src).rcpt("<a@local.test>").decision == Continue("local_domain")
+
+
+def test_a_kept_clean_answer_needs_no_relayers_lookup_a_kept_listing_does():
+    src = sources({})
+    src.blocklists.kept["198.51.100.7"] = CLEAN
+    assert session(src).rcpt("<a@local.test>").note == CLEAN.note
+    assert src.asked == [] and src.blocklists.asked == []
+    src = sources({}, {"198.51.100.7": int(NOW)})
+    src.blocklists.kept["198.51.100.7"] = LISTED               # kept, but the client is a user
+    assert session(src).rcpt("<a@local.test>").decision.rule == "local_domain"
+    assert src.asked == ["198.51.100.7"]

@@ -66,11 +66,17 @@ class Blocklists:
             local = local[1:-1]
         return local.lower() in self._exempt
 
+    def known(self, key: str) -> Optional[Blocklisted]:
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] > _monotonic() and hit[1] == self.dnsbl.generation:
+            return hit[2]
+        return None
+
     def check(self, key: str) -> Blocklisted:
         dnsbl = self.dnsbl
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] > _monotonic() and hit[1] == dnsbl.generation:
-            return hit[2]
+        hit = self.known(key)
+        if hit is not None:
+            return hit
         try:
             ip = ipaddress.ip_address(key)
         except ValueError:

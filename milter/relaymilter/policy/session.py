@@ -127,6 +127,9 @@ class Blocklists(Protocol):
     def check(self, key: str) -> Blocklisted:
         """Ask the lists about the client whose relayers key (its IP) is *key*."""
 
+    def known(self, key: str) -> Optional[Blocklisted]:
+        """The answer kept for *key*, if any still holds (never asks the DNS)."""
+
 
 class Sources(Protocol):
     """What a session decides with: the policy and its maps (relaymilter.runtime.Runtime)."""
@@ -284,13 +287,25 @@ class Session:
         return step.refusal if step.refusal is not None else granted
 
     def _blocklists(self, lists: Blocklists, accepted: RcptVerdict) -> RcptVerdict:
-        """The dnsbl step: strangers only, asked once per connection (see the module notes)."""
-        standing = self.standing()
-        if (standing is not Standing.STRANGER and standing is not Standing.UNAVAILABLE) or not self.client.key:
+        """The dnsbl step: strangers only, asked once per connection (see the module notes).
+
+        A kept "not listed" answer (Blocklists.known, no DNS) settles it
+        without asking relayers.db; otherwise the client rules go first, so
+        a user never causes a DNS query.
+        """
+        client = self.client
+        key = client.key
+        if not key or client.trusted or (self.auth and self.sources.policy.permit_authenticated):
             return accepted
-        found = self._blocklisted
-        if found is None:
-            found = self._blocklisted = lists.check(self.client.key)
+        found = self._blocklisted or lists.known(key)
+        standing = Standing.STRANGER
+        if found is None or found.decision is not None:
+            standing = self.standing()
+            if standing is not Standing.STRANGER and standing is not Standing.UNAVAILABLE:
+                return accepted
+            if found is None:
+                found = lists.check(key)
+        self._blocklisted = found
         dest = accepted.destination
         if found.decision is None:
             return RcptVerdict(accepted.decision, dest, accepted.source, found.note)
