@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 import mta
 from dnsserver import DnsServer, rfc5782_zone, standard_zones

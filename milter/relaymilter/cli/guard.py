@@ -45,13 +45,15 @@ import argparse
 import re
 import sys
 import time
-from typing import NoReturn, Optional, Sequence, TextIO
+from typing import Optional, Sequence, TextIO
 
 from relaymilter import __version__
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.ipaddr import shorten
 from relaymilter.policy.limits import Limits
 from relaymilter.store.guard import open_guard_store
+# The classic parser and its two errors are vsmtprelay's: the same flags, the same exits.
+from relaymilter.cli.vsmtprelay import BadArgument, UsageError, build_parser
 
 PROG = "relaymilter-guard"
 USAGE = """\
@@ -73,31 +75,6 @@ Counts are over the last hour; times are seconds since the UNIX epoch.
 ARITY = {"list": (0, 1), "suspended": (0, 0), "lift": (1, None), "suspend": (1, 2)}
 FAMILY_LIMIT = {"recipients": "recipients_per_hour", "messages": "messages_per_hour",
                 "addresses": "addresses_per_hour"}
-
-
-class UsageError(Exception):
-    """Bad usage: print the usage text, exit 2."""
-
-
-class BadArgument(Exception):
-    """A malformed argument: one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, add_help=False, usage=argparse.SUPPRESS)
-    p.add_argument("-f", dest="file", metavar="FILE")
-    p.add_argument("-c", "--config", dest="config", metavar="CONFIG")
-    p.add_argument("--now", dest="now", metavar="TICKS", help="act as if the time were TICKS")
-    p.add_argument("-h", "--help", action="store_true")
-    p.add_argument("--version", action="store_true")
-    p.add_argument("command", nargs="?")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    return p
 
 
 def field(text: str) -> str:

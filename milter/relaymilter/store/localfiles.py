@@ -45,7 +45,7 @@ from typing import Iterable, Optional
 
 from relaymilter.errors import ConfigError
 from relaymilter.address.resolve import BadAddress, normalize_domain
-from relaymilter.address.tokens import ascii_lower
+from relaymilter.address.tokens import ascii_lower, dequote
 
 CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 INCLUDE = ":include:"
@@ -176,20 +176,6 @@ def _split_outside_quotes(text: str, sep: str) -> Optional[list[str]]:
     return parts
 
 
-def _dequote(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if ch != '"':
-            out.append(ch)
-        i += 1
-    return "".join(out)
-
-
 def _alias_name(raw: str, where: str, files: list[str]) -> str:
     name = raw.strip()
     if not name:
@@ -197,7 +183,7 @@ def _alias_name(raw: str, where: str, files: list[str]) -> str:
     if name.startswith('"'):
         if len(name) < 2 or not name.endswith('"'):
             raise SourceError("%s: text after the quoted name %s" % (where, name), tuple(files))
-        plain = _dequote(name)
+        plain = dequote(name)
         if not plain:
             raise SourceError("%s: empty quoted alias name" % where, tuple(files))
         return ascii_lower(plain)
@@ -205,7 +191,7 @@ def _alias_name(raw: str, where: str, files: list[str]) -> str:
         raise SourceError("%s: bad alias name %r (quote a name with blanks)" % (where, name), tuple(files))
     if "@" in name:
         raise SourceError("%s: %s: cannot alias non-local names" % (where, name), tuple(files))
-    return ascii_lower(_dequote(name))
+    return ascii_lower(dequote(name))
 
 
 class _AliasReader:
