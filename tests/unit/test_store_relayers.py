@@ -275,3 +275,39 @@ def test_answers_are_cached_per_spelling_and_file_version(tmp_path, monkeypatch)
     assert [reader.lookup(s) for s in spellings] == [6, 6, 6, 7]      # a new file version: asked again
     with pytest.raises(ValueError):
         reader.lookup("not-an-address")
+
+
+def test_a_reader_never_sees_the_map_half_made(tmp_path):
+    """The first write puts a whole hash database in place: a lookup in that instant finds no 0-byte file."""
+    path = str(tmp_path / "relayers.db")
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                os.stat(path)       # spin until the file is there, then look
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.fstat(fd).st_size == 0:
+                    seen.append("0 bytes")
+                    continue
+            finally:
+                os.close(fd)
+            try:
+                BDBRelayStore(path).lookup("192.0.2.1")
+            except StoreUnavailable as exc:
+                seen.append(str(exc))
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        for i in range(300):
+            BDBRelayStore(path).add({"192.0.2.1": 1000 + i})
+            os.unlink(path)
+    finally:
+        stop.set()
+        th.join(10)
+    assert seen == []

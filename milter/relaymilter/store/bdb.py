@@ -274,7 +274,8 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
     """Open *path* for a read-modify-write under flock(LOCK_EX); sync and fsync before unlocking.
 
     The file is created (mode 0644 less umask) when missing and *create* is
-    true. Symlinks, non-regular files, files that are not (or no longer
+    true, whole: an empty hash database hard-linked into place, never a
+    0-byte file a reader could catch. Symlinks, non-regular files, files that are not (or no longer
     whole) hash databases are refused and left untouched (see fileguard).
     *grow* is how many bytes of keys and values the caller may add: room for
     them is allocated first, so a full disk refuses the write before the
@@ -284,10 +285,13 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
     """
     real = fileguard.resolve(path)
     while True:
-        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
-        existed = os.path.lexists(real)
+        made = _create_whole(real, path) if create and not os.path.lexists(real) else None
         try:
-            fd = fileguard.open_regular(real, flags, CREATE_MODE)
+            fd = fileguard.open_regular(real, os.O_RDWR | os.O_NOFOLLOW, CREATE_MODE)
+        except FileNotFoundError as exc:
+            if create:
+                continue            # removed again between our link() and open(): make it anew
+            raise _fail(path, "open for writing", exc) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise StoreUnavailable("%s: is a symlink: refused" % real) from None
@@ -303,6 +307,9 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
             if not same:
                 continue
             before = os.fstat(fd)
+            # Ours to remove again if this write fails: the empty map we put
+            # there, untouched by any other writer since.
+            existed = made is None or _ident(made) != _ident(before)
             txn = _open_txn(fd, real, path, create, grow, existed, before)
             done = False
             try:
@@ -334,6 +341,48 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
             return
         finally:
             os.close(fd)
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _create_whole(real: str, path: str) -> Optional[os.stat_result]:
+    """Put an empty hash database at *real* in one step: its stat, or None if someone else was first.
+
+    The database is made under a temporary name in the same directory and
+    hard-linked into place, so the path never names a file that is still
+    0 bytes: a reader (the milter, sendmail, Postfix) that opened it in that
+    instant would see no hash database and tempfail.
+    """
+    directory, base = os.path.split(real)
+    tmp = os.path.join(directory, ".%s.%d.%s.new" % (base, os.getpid(), secrets.token_hex(4)))
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, CREATE_MODE)
+    except OSError as exc:
+        raise _fail(path, "create", exc) from None
+    try:
+        handle = db.DB()
+        try:
+            handle.open(_by_fd(fd, tmp), dbtype=db.DB_HASH, flags=db.DB_CREATE)
+            handle.sync()
+        except db.DBError as exc:
+            raise _fail(path, "create", exc) from None
+        finally:
+            handle.close()
+        try:
+            os.fsync(fd)
+            made = os.fstat(fd)
+            os.link(tmp, real)
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            raise _fail(path, "create", exc) from None
+        return made
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _open_txn(fd: int, real: str, path: str, create: bool, grow: Optional[int], existed: bool,
@@ -372,7 +421,7 @@ def _undo_reserve(fd: int, real: str, existed: bool, before: os.stat_result) -> 
     what sendmail recorded.
     """
     fileguard.release(fd)
-    if not existed and os.fstat(fd).st_size == 0:
+    if not existed:
         with contextlib.suppress(OSError):
             os.unlink(real)
         return
