@@ -19,11 +19,16 @@ benchmarks/milter_ceiling.py, the same policy as the C reference milter
 other only for a client whose address is a key of relayers.db (read once per
 transaction under flock(LOCK_SH), reopened when the file changed), else 550
 5.7.1 Relaying denied.
+
+With --workers N it forks N processes after opening the socket, all of
+them accepting on it (what relaymilter's `workers:` does), each dying with
+the first: the same minimal milter across cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import os
 import sys
@@ -105,11 +110,28 @@ class PolicyMilter(Milter.Base):
         return Milter.REJECT
 
 
+def fork_after_opensocket(workers: int) -> None:
+    """Make runmilter fork *workers* - 1 more processes once the socket is open (children die with the first)."""
+    import milter  # pymilter's C module: runmilter calls milter.main() after milter.opensocket()
+
+    serve = milter.main
+
+    def forked_main() -> None:
+        for _ in range(workers - 1):
+            if os.fork() == 0:
+                ctypes.CDLL(None, use_errno=True).prctl(1, 9)    # PR_SET_PDEATHSIG, SIGKILL
+                break
+        serve()
+
+    milter.main = forked_main
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="A pymilter milter that continues on everything.")
     p.add_argument("--socket", required=True, metavar="SPEC", help="unix:/path or inet:PORT@127.0.0.1")
     p.add_argument("--relayers", metavar="DB", help="the policy milter: relayers.db to look clients up in")
     p.add_argument("--local", metavar="DOMAIN", help="the policy milter: the local domain")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the socket (default 1)")
     return p
 
 
@@ -120,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         PolicyMilter.relayers = RelayersMap(opts.relayers)
         PolicyMilter.local = (opts.local or "").lower()
         Milter.factory = PolicyMilter
+    if opts.workers > 1:
+        fork_after_opensocket(opts.workers)
     # Same exception policy as relaymilter, so neither side gets a cheaper error path.
     Milter.set_exception_policy(Milter.TEMPFAIL)
     try:
