@@ -210,8 +210,14 @@ class CounterFile:
                         os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES), 0)
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
-            head = os.pread(fd, _HEADER.size, 0)
-            if os.fstat(fd).st_size != SIZE or head != _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES):
+            # Under LOCK_SH: another process may be between its fallocate() and its header.
+            self._lock(fd, fcntl.LOCK_SH)
+            try:
+                head = os.pread(fd, _HEADER.size, 0)
+                size = os.fstat(fd).st_size
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            if size != SIZE or head != _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES):
                 raise self._fail("not a relaymilter counter file of this layout (remove it to start counting "
                                  "afresh)")
             self._map = mmap.mmap(fd, SIZE)
