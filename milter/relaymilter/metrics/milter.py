@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import glob
 import logging
 import os
 import shutil
@@ -223,10 +224,9 @@ class SupervisorMetrics:
         self.reloads = {"ok": 0, "failed": 0}       # SIGHUP reloads, made here once for every worker
         try:
             from prometheus_client import CollectorRegistry
-            from prometheus_client.multiprocess import MultiProcessCollector
 
             registry = CollectorRegistry(auto_describe=False)
-            MultiProcessCollector(registry, path=self.dir)
+            registry.register(_Workers(self.dir))
             registry.register(_Own(alive, self.reloads))
             self.endpoint: Endpoint = serve(registry, listen)
         except (MetricsError, ImportError):
@@ -249,6 +249,32 @@ class SupervisorMetrics:
     def close(self) -> None:
         self.endpoint.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Workers:
+    """The workers' files summed, as MultiProcessCollector does, over the files that are whole.
+
+    prometheus_client creates a worker's file and sizes it afterwards: a
+    scrape in between (a worker just started or replaced) would fail whole
+    on the 0-byte file, and fail on every scrape if that worker was killed
+    then. Such a file holds no counts yet, so it is passed over.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def collect(self) -> Any:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _holds_counts(f)]
+        return MultiProcessCollector.merge(files, accumulate=True)
+
+
+def _holds_counts(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8       # the used-bytes header, and room for something
+    except OSError:
+        return False
 
 
 class _Own:
