@@ -2,7 +2,7 @@
     relaymilter.runtime - one configuration with the policy, stores and caches built from it
 
 DESCRIPTION
-    Runtime is what a connection decides with (policy.session.Sources): the
+    Runtime is what a connection decides with (policy.verdict.Sources): the
     frozen configuration, the policy core's RcptPolicy, the open relayers,
     spammers and guard stores. A SIGHUP reload builds a new Runtime and
     RuntimeHolder swaps it in whole; connections keep the one they started
@@ -87,7 +87,7 @@ V = TypeVar("V")
 
 
 class Runtime:
-    """One configuration with the policy and the stores built from it (policy.session.Sources)."""
+    """One configuration with the policy and the stores built from it (policy.verdict.Sources)."""
 
     def __init__(self, config: Config, previous: Optional["Runtime"] = None) -> None:
         self.config = config

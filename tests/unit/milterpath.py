@@ -21,7 +21,8 @@ from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Decision
 from relaymilter.policy.mail import SenderKeys, mail_plan
 from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Destination, RcptPolicy, destination
-from relaymilter.policy.session import RcptVerdict, Session
+from relaymilter.policy.session import Session
+from relaymilter.policy.verdict import RcptVerdict
 from relaymilter.runtime import RuntimeHolder
 
 NOW = 1_700_000_000.0
@@ -97,7 +98,7 @@ class Conn:
 
 
 class MapSources:
-    """policy.session.Sources over in-memory maps; counts the relayers questions asked."""
+    """policy.verdict.Sources over in-memory maps; counts the relayers questions asked."""
 
     blocklists: Any = None      # no DNS blocklist unless a test sets one
 

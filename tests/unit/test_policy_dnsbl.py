@@ -16,7 +16,7 @@ from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
 from relaymilter.address.resolve import Resolved
 from relaymilter.policy.decision import Continue, Reject, TempFail
-from relaymilter.policy.session import Blocklisted
+from relaymilter.policy.verdict import Blocklisted
 
 LISTED_REPLY = replies.Reply("554", "5.7.1", "Service unavailable; Client host [198.51.100.7] blocked using bl.test")
 LISTED = Blocklisted(Reject(LISTED_REPLY, "dnsbl"), "site=bl.test answer=127.0.0.2 weight=1/1")
@@ -25,7 +25,7 @@ FAILED = Blocklisted(TempFail(replies.DNSBL_UNAVAILABLE, "dnsbl_unavailable"), "
 
 
 class ListsTable:
-    """policy.session.Blocklists answering from a dict; records every client asked about."""
+    """policy.verdict.Blocklists answering from a dict; records every client asked about."""
 
     def __init__(self, answers: dict[str, Blocklisted]) -> None:
         self.answers = answers

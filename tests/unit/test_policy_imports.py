@@ -39,7 +39,7 @@ MODULES = sorted(POLICY_DIR.glob("*.py"))
 
 
 def test_the_policy_package_has_its_modules() -> None:
-    assert {p.name for p in MODULES} >= {"__init__.py", "decision.py", "mail.py", "rcpt.py", "session.py"}
+    assert {p.name for p in MODULES} >= {"__init__.py", "decision.py", "mail.py", "rcpt.py", "session.py", "verdict.py"}
 
 
 ADDRESS_MODULES = sorted((PACKAGE_DIR / "address").glob("*.py"))

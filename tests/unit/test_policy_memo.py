@@ -11,7 +11,8 @@ from milterpath import NOW, MapSources, policy, session
 from relaymilter.address.keys import sender_keys
 from relaymilter.policy.mail import SenderKeys, mail_plan
 from relaymilter.policy.rcpt import Place, destination
-from relaymilter.policy.session import Session, Standing
+from relaymilter.policy.session import Session
+from relaymilter.policy.verdict import Standing
 from relaymilter.store.relayers import BDBRelayStore
 
 POLICY = policy({"local.test"}, {"relayed.test"}, trusted=("127.0.0.0/8", "10.1.0.0/16"))

@@ -2,7 +2,7 @@
     relaymilter.dnsbl.rules - the dnsbl step of the RCPT decision
 
 DESCRIPTION
-    Blocklists is what policy.session asks (its Blocklists protocol) for a
+    Blocklists is what policy.session asks (policy.verdict.Blocklists) for a
     stranger whose recipient would otherwise be accepted: whether the
     recipient is exempt (exempt_recipients: local parts such as postmaster),
     and what the lists say about the client, as a decision and a log note:
@@ -35,7 +35,7 @@ from relaymilter.dnsbl.checker import Dnsbl
 from relaymilter.dnsbl.settings import DnsblConfig
 from relaymilter.address.resolve import Resolved
 from relaymilter.policy.decision import Reject, TempFail
-from relaymilter.policy.session import Blocklisted
+from relaymilter.policy.verdict import Blocklisted
 
 UNAVAILABLE = TempFail(replies.DNSBL_UNAVAILABLE, "dnsbl_unavailable")
 MEMO_MAX = 20000        # clients whose whole answer is kept (cleared when full)
@@ -44,7 +44,7 @@ _monotonic = time.monotonic
 
 
 class Blocklists:
-    """policy.session.Blocklists for one dnsbl configuration."""
+    """policy.verdict.Blocklists for one dnsbl configuration."""
 
     def __init__(self, config: DnsblConfig, previous: Optional["Blocklists"] = None) -> None:
         self.config = config

@@ -7,18 +7,12 @@ DESCRIPTION
     into a pymilter return.  The tests drive the adapter's registered
     callbacks, so what they judge is what production runs.
 
-    The client's standing, worked out once per transaction (at the first
-    RCPT that needs it; relayers.db is read at most once between two MAILs,
-    so a vsmtprelay add or delete counts from the next MAIL on):
-
-        TRUSTED         inside trusted_networks (or a trusted local socket)
-        AUTHENTICATED   {auth_authen} set and permit_authenticated
-        LISTED          its address in relayers.db (recent enough, if a
-                        window is set)
-        STRANGER        none of these; also any session the milter cannot
-                        place (no CONNECT, an unknown address family)
-        UNAVAILABLE     relayers.db could not be read: neither listed nor
-                        known to be a stranger
+    The client's standing (policy.verdict.Standing: TRUSTED, AUTHENTICATED,
+    LISTED, STRANGER, UNAVAILABLE) is worked out once per transaction, at
+    the first RCPT that needs it: relayers.db is read at most once between
+    two MAILs, so a vsmtprelay add or delete counts from the next MAIL on.
+    What a session is handed (Sources) and what it answers (RcptVerdict)
+    are in policy.verdict; this module holds the steps.
 
     RCPT TO, in this order; the first that answers wins (DESIGN section 3).
     The rule families marked [..] are optional steps, and each has one place:
@@ -85,98 +79,20 @@ Stdlib only: part of the pure policy core.
 
 from __future__ import annotations
 
-import enum
 import time
-from collections.abc import Callable, Set as AbstractSet
-from typing import NamedTuple, Optional, Protocol
+from collections.abc import Callable
+from typing import Optional
 
-from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Continue, Decision, TempFail
 from relaymilter.policy.limits import Guard, Txn
 from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
-from relaymilter.address.resolve import Resolved
-from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place, RcptPolicy
+from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place
 from relaymilter.policy.recipients import Lookup, check, query
+from relaymilter.policy.verdict import (LOCAL_DOMAIN, RELAY_DOMAIN, RELAYERS_UNAVAILABLE, Blocklisted, Blocklists,
+                                        RcptVerdict, Sources, Standing)
 
-
-class Standing(enum.Enum):
-    """What the client rules make of the client in this transaction (see the module notes)."""
-
-    TRUSTED = "trusted_network"
-    AUTHENTICATED = "authenticated"
-    LISTED = "relayers_db"
-    STRANGER = "stranger"
-    UNAVAILABLE = "relayers_unavailable"
-
-
-class Blocklisted(NamedTuple):
-    """What the DNS blocklists say about a client: a refusal (None: none) and the log text."""
-
-    decision: Optional[Decision]
-    note: str
-
-
-class Blocklists(Protocol):
-    """The DNS blocklist step (relaymilter.dnsbl.rules.Blocklists)."""
-
-    def exempt(self, resolved: Optional[Resolved]) -> bool:
-        """Whether a recipient is always accepted (postmaster, abuse)."""
-
-    def check(self, key: str) -> Blocklisted:
-        """Ask the lists about the client whose relayers key (its IP) is *key*."""
-
-    def known(self, key: str) -> Optional[Blocklisted]:
-        """The answer kept for *key*, if any still holds (never asks the DNS)."""
-
-
-class Sources(Protocol):
-    """What a session decides with: the policy and its maps (relaymilter.runtime.Runtime)."""
-
-    policy: RcptPolicy
-    # local_recipients: a lookup of which source knows a local user (policy.recipients.Lookup) over
-    # the sources as they are now, asked for once per transaction; None: not configured.
-    local_recipients: Optional[Callable[[], Lookup]]
-    recipient_delimiter: str
-
-    @property
-    def blocklists(self) -> Optional[Blocklists]:
-        """The DNS blocklist step, None when no list is configured."""
-
-    def destination(self, rcpt: str) -> Destination:
-        """policy.rcpt.destination() for *rcpt* (may be memoised)."""
-
-    def mail_plan(self, sender: str) -> SenderKeys | Decision:
-        """policy.mail.mail_plan() for *sender* (may be memoised)."""
-
-    def relayers_stamp(self, key: str) -> Optional[int]:
-        """The login time relayers.db holds for *key*, None if absent; StoreUnavailable if unreadable."""
-
-    def spammers_listed(self) -> AbstractSet[str]:
-        """Every key of the spammers map; StoreUnavailable if unreadable."""
-
-    # Optional (a Sources without them has no limits and enforces every rule):
-    #   guard: policy.limits.Guard
-    #   current_modes() -> policy.modes.Modes, the modes of the configuration in force now
-
-
-class RcptVerdict(NamedTuple):
-    """A RCPT decision and the destination it was made for (the log line shows both).
-
-    *source* names the local_recipients source that knew a local user; *note*
-    is what a rule step adds to the log line after the rule (dnsbl: site=...).
-    """
-
-    decision: Decision
-    destination: Destination
-    source: Optional[str] = None
-    note: str = ""
-
-
-LOCAL_DOMAIN = Continue("local_domain")
-RELAY_DOMAIN = Continue("relay_domain")
-RELAYERS_UNAVAILABLE = TempFail(replies.RELAY_CHECK_UNAVAILABLE, "relayers_unavailable")
 _GRANTED = {s: Continue(s.value) for s in (Standing.TRUSTED, Standing.AUTHENTICATED, Standing.LISTED)}
 
 
