@@ -51,7 +51,7 @@ import threading
 import time
 from typing import Mapping, Optional
 
-from relaymilter.config import DEFAULT_TRUSTED, parse_network
+from relaymilter.domainsconfig import DEFAULT_TRUSTED, parse_network
 from relaymilter.popwatch.matcher import Matcher
 from relaymilter.popwatch.patterns import PatternSet, load_patterns
 from relaymilter.popwatch.readback import read_file

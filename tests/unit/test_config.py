@@ -13,9 +13,14 @@ from relaymilter import config as cfgmod
 from relaymilter.cli.milter import main as milter_main
 from relaymilter.config import load_config, rules_dir
 from relaymilter.dnsbl.settings import DNSBL_KEYS
+from relaymilter.domainsconfig import host_names
 from relaymilter.errors import ConfigError
 from relaymilter.guardconfig import LIMITS_KEYS
+from relaymilter.mapsconfig import RELAYERS_KEYS, SPAMMERS_KEYS
+from relaymilter.metricsconfig import METRICS_KEYS
 from relaymilter.policy.modes import FAMILIES
+from relaymilter.popwatchconfig import POPWATCH_KEYS
+from relaymilter.recipientsconfig import LOCAL_RECIPIENTS_KEYS
 
 SAMPLE = rules_dir() / "relaymilter.sample.yaml"
 
@@ -60,12 +65,12 @@ def sample_keys() -> set[str]:
 
 def test_sample_documents_every_key_and_only_real_keys():
     schema = set(cfgmod.TOP_KEYS)
-    schema |= {"relayers.%s" % k for k in cfgmod.RELAYERS_KEYS}
-    schema |= {"spammers.%s" % k for k in cfgmod.SPAMMERS_KEYS}
-    schema |= {"popwatch.%s" % k for k in cfgmod.POPWATCH_KEYS}
+    schema |= {"relayers.%s" % k for k in RELAYERS_KEYS}
+    schema |= {"spammers.%s" % k for k in SPAMMERS_KEYS}
+    schema |= {"popwatch.%s" % k for k in POPWATCH_KEYS}
     schema |= {"limits.%s" % k for k in LIMITS_KEYS} | {"modes.%s" % k for k in FAMILIES}
-    schema |= {"local_recipients.%s" % k for k in cfgmod.LOCAL_RECIPIENTS_KEYS}
-    schema |= {"metrics.%s" % k for k in cfgmod.METRICS_KEYS}
+    schema |= {"local_recipients.%s" % k for k in LOCAL_RECIPIENTS_KEYS}
+    schema |= {"metrics.%s" % k for k in METRICS_KEYS}
     schema |= {"dnsbl.%s" % k for k in DNSBL_KEYS}
     assert sample_keys() == schema
 
@@ -204,7 +209,7 @@ def test_mta_postfix_adds_no_host_names(tmp_path):
     sendmail = load_config(write(tmp_path, "local_domains: [local.test]\n"))
     postfix = load_config(write(tmp_path, "mta: postfix\nlocal_domains: [local.test, localhost]\n"))
     assert sendmail.mta == "sendmail" and postfix.mta == "postfix"
-    assert cfgmod.host_names() <= sendmail.local_domains
+    assert host_names() <= sendmail.local_domains
     # exactly what the file lists, never the host's names or interface literals
     assert postfix.local_domains == {"local.test", "localhost"}
 

@@ -24,7 +24,11 @@ import yaml
 from relaymilter import config as rconfig
 from relaymilter.cli import entry
 from relaymilter.guardconfig import LIMITS_KEYS
+from relaymilter.mapsconfig import RELAYERS_KEYS, SPAMMERS_KEYS
+from relaymilter.metricsconfig import METRICS_KEYS
 from relaymilter.policy.modes import FAMILIES
+from relaymilter.popwatchconfig import POPWATCH_KEYS
+from relaymilter.recipientsconfig import LOCAL_RECIPIENTS_KEYS
 from relaymilter.dnsbl.settings import DNSBL_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,9 +139,9 @@ def man_keys() -> set[str]:
 
 def schema_keys() -> set[str]:
     keys = set(rconfig.TOP_KEYS)
-    for parent, subs in (("relayers", rconfig.RELAYERS_KEYS), ("spammers", rconfig.SPAMMERS_KEYS),
-                         ("popwatch", rconfig.POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES),
-                         ("local_recipients", rconfig.LOCAL_RECIPIENTS_KEYS), ("metrics", rconfig.METRICS_KEYS),
+    for parent, subs in (("relayers", RELAYERS_KEYS), ("spammers", SPAMMERS_KEYS),
+                         ("popwatch", POPWATCH_KEYS), ("limits", LIMITS_KEYS), ("modes", FAMILIES),
+                         ("local_recipients", LOCAL_RECIPIENTS_KEYS), ("metrics", METRICS_KEYS),
                          ("dnsbl", DNSBL_KEYS)):
         keys.update("%s.%s" % (parent, s) for s in subs)
     return keys

@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from relaymilter.config import parse_network
+from relaymilter.domainsconfig import parse_network
 from relaymilter.popwatch.matcher import Event
 from relaymilter.popwatch.patterns import load_patterns
 from relaymilter.popwatch.recorder import Tracker

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from relaymilter.config import parse_network
+from relaymilter.domainsconfig import parse_network
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.popwatch import follow, service
 from relaymilter.popwatch.follow import Follower

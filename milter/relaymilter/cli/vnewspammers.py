@@ -31,7 +31,8 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 from relaymilter import __version__
-from relaymilter.config import SpammersConfig, load_config
+from relaymilter.config import load_config
+from relaymilter.mapsconfig import SpammersConfig
 from relaymilter.errors import RelaymilterError
 from relaymilter.store.spammers import rebuild
 
