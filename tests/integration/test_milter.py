@@ -191,8 +191,8 @@ def test_bad_input_gets_a_decision_and_the_milter_survives(milter):
     with MilterSession(milter.socket, timeout=10) as s:
         s.connect(client_ip="192.0.2.42")
         s.mail("<a@example.net>")
-        s._send("RCPT raw", frame(proto.SMFIC_RCPT, b"<a\0b@remote.example>\0"))
-        raw = s._await("RCPT raw", allow_skip=False, allow_modifications=False)
+        s.channel.send("RCPT raw", frame(proto.SMFIC_RCPT, b"<a\0b@remote.example>\0"))
+        raw = s.channel.await_reply("RCPT raw")
         assert raw.action in ("continue", "reject")
     # still healthy, and the 31 sessions left no thread behind (a leak would add one each)
     assert rcpts(milter, "192.0.2.7", ["<bob@remote.example>", "<bob@local.test>"]) == [DENIED, "continue"]

@@ -309,6 +309,6 @@ def test_a_session_after_quit_nc_does_not_inherit_the_client(milter, end):
             s.eom()
         else:
             s.abort()
-        s._send("QUIT_NC", codec.encode_quit_nc())
+        s.channel.send("QUIT_NC", codec.encode_quit_nc())
         s.mail("<a@example.net>")          # the next SMTP session, with no CONNECT
         assert str(s.rcpt("<bob@remote.example>")) == DENIED

@@ -17,7 +17,8 @@ from harness_fakemilter import FakeMilter, optneg_data, pkt, serve  # noqa: E402
 
 from relaymilter.harness import MilterSession, MilterUnreachable, ProtocolError  # noqa: E402
 from relaymilter.harness import protocol as P  # noqa: E402
-from relaymilter.harness.client import PROGRESS_CAP, address_parts, bracket  # noqa: E402
+from relaymilter.harness.channel import PROGRESS_CAP  # noqa: E402
+from relaymilter.harness.client import address_parts, bracket  # noqa: E402
 from relaymilter.harness.reply import AddHeader, ChgFrom, DelRcpt  # noqa: E402
 from relaymilter.harness.sockspec import parse_socket_spec  # noqa: E402
 from relaymilter.harness.errors import SocketSpecError  # noqa: E402

@@ -22,7 +22,9 @@ DESCRIPTION
     {rcpt_host} at RCPT. MAIL and RCPT arguments are sent with angle
     brackets, as sendmail passes them.
 
-    Every read has a deadline (``timeout`` seconds per step). SMFIR_PROGRESS
+    The packets go through a harness.channel.Channel (MilterSession.channel
+    while open; a test may use it to send a packet no MTA would), where
+    every read has a deadline (``timeout`` seconds per step): SMFIR_PROGRESS
     restarts it, as in sendmail, but one step never waits longer than
     PROGRESS_CAP times the timeout, so no call can hang.
 
@@ -40,21 +42,19 @@ import logging
 import socket
 import time
 import uuid
-from typing import Dict, List, Mapping, NoReturn, Optional, Set, Tuple
+from typing import Dict, Mapping, Optional, Set, Tuple
 
 from relaymilter.harness import codec
 from relaymilter.harness import protocol as proto
-from relaymilter.harness.errors import MilterUnreachable, ProtocolError
-from relaymilter.harness.reply import Modification, OptNeg, Progress, Reply
+from relaymilter.harness.channel import Channel
+from relaymilter.harness.errors import ProtocolError
+from relaymilter.harness.reply import OptNeg, Reply
 from relaymilter.harness.sockspec import parse_socket_spec
 from relaymilter.ipaddr import parse_ip
 
 log = logging.getLogger(__name__)
 
 Macros = Optional[Mapping[str, Optional[str]]]
-
-# A step may be extended by progress packets up to this many timeouts.
-PROGRESS_CAP = 10
 
 _FLAG_NAMES = {
     proto.SMFIP_NOCONNECT: "SMFIP_NOCONNECT", proto.SMFIP_NOHELO: "SMFIP_NOHELO",
@@ -104,8 +104,7 @@ class MilterSession:
         self.mta_hostname = mta_hostname or socket.gethostname()
         self.daemon_name = daemon_name
         self.negotiated: Optional[OptNeg] = None
-        self._sock: Optional[socket.socket] = None
-        self._broken: Optional[ProtocolError] = None
+        self.channel: Optional[Channel] = None     # the open connection; None before open()
         self._symlists: Dict[bytes, Set[str]] = {}
         self._queue_seq = 0
         self._queue_base = uuid.uuid4().hex[:8].upper()
@@ -121,42 +120,32 @@ class MilterSession:
 
     def open(self) -> OptNeg:
         """Connect to the milter and negotiate; return what the milter agreed to."""
-        sock = socket.socket(self.spec.family, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        chan = self.channel = Channel.open(self.spec, self.timeout)
         try:
-            sock.connect(self.spec.address)
-        except OSError as err:
-            sock.close()
-            raise MilterUnreachable(self.spec.text, str(err) or err.__class__.__name__) from None
-        if self.spec.family != socket.AF_UNIX:
-            # Small request/answer packets: Nagle plus delayed ACKs would add 40 ms a step.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        try:
-            return self._negotiate()
+            return self._negotiate(chan)
         except ProtocolError:
             self.close()  # no QUIT: the stream is out of step
             raise
 
-    def _negotiate(self) -> OptNeg:
+    def _negotiate(self, chan: Channel) -> OptNeg:
         step = "OPTNEG"
-        self._send(step, codec.encode_optneg(self.offer.version, self.offer.actions, self.offer.protocol))
-        cmd, data = self._read_packet(step, time.monotonic() + self.timeout)
+        chan.send(step, codec.encode_optneg(self.offer.version, self.offer.actions, self.offer.protocol))
+        cmd, data = chan.read_packet(step, time.monotonic() + self.timeout)
         if cmd != proto.SMFIR_OPTNEG:
-            self._fail(step, "expected the optneg answer, got %s" % codec.response_name(cmd))
+            chan.fail(step, "expected the optneg answer, got %s" % codec.response_name(cmd))
         try:
             answer = codec.decode_optneg(data)
         except ProtocolError as err:
-            self._fail(step, err.detail)
+            chan.fail(step, err.detail)
         if not 2 <= answer.version <= self.offer.version:
-            self._fail(step, "milter protocol version %d is not supported (MTA offers 2-%d)"
-                       % (answer.version, self.offer.version))
+            chan.fail(step, "milter protocol version %d is not supported (MTA offers 2-%d)"
+                      % (answer.version, self.offer.version))
         if answer.actions & ~self.offer.actions:
-            self._fail(step, "milter asks for actions 0x%x not offered (0x%x)"
-                       % (answer.actions, self.offer.actions))
+            chan.fail(step, "milter asks for actions 0x%x not offered (0x%x)"
+                      % (answer.actions, self.offer.actions))
         if answer.protocol & ~self.offer.protocol:
-            self._fail(step, "milter asks for protocol flags 0x%x not offered (0x%x)"
-                       % (answer.protocol, self.offer.protocol))
+            chan.fail(step, "milter asks for protocol flags 0x%x not offered (0x%x)"
+                      % (answer.protocol, self.offer.protocol))
         for stage, names in answer.symlists:
             cmd_byte = proto.MACRO_STAGE_COMMANDS.get(stage)
             if cmd_byte is not None:
@@ -168,15 +157,8 @@ class MilterSession:
 
     def close(self) -> None:
         """Say QUIT (if the stream is still in step) and close the socket."""
-        if self._sock is None:
-            return
-        if self._broken is None:
-            try:
-                self._sock.sendall(codec.encode_quit())
-            except OSError:
-                pass  # the milter may already have hung up after a final reply
-        self._sock.close()
-        self._sock = None
+        if self.channel is not None:
+            self.channel.close(codec.encode_quit())
 
     # ---------------------------------------------------------------- steps
 
@@ -277,8 +259,7 @@ class MilterSession:
 
     def abort(self) -> None:
         """SMFIC_ABORT: end the current message; the milter sends no reply."""
-        self._check_usable("ABORT")
-        self._send("ABORT", codec.encode_abort())
+        self._check_usable("ABORT").send("ABORT", codec.encode_abort())
 
     def quit(self) -> None:
         """SMFIC_QUIT and close; same as leaving the ``with`` block."""
@@ -295,15 +276,17 @@ class MilterSession:
             merged.update(macros)
         return {k: v for k, v in merged.items() if v is not None}
 
-    def _check_usable(self, step: str) -> None:
-        if self._broken is not None:
-            raise ProtocolError("session already failed at %s" % (self._broken.step or "OPTNEG"), step)
-        if self._sock is None or self.negotiated is None:
+    def _check_usable(self, step: str) -> Channel:
+        chan = self.channel
+        if chan is not None and chan.broken is not None:
+            raise ProtocolError("session already failed at %s" % (chan.broken.step or "OPTNEG"), step)
+        if chan is None or chan.sock is None or self.negotiated is None:
             raise ProtocolError("session is not open", step)
+        return chan
 
     def _step(self, step: str, cmd: bytes, packet: bytes, macros: Dict[str, str], no_flag: int,
               nr_flag: int, allow_skip: bool = False, allow_modifications: bool = False) -> Reply:
-        self._check_usable(step)
+        chan = self._check_usable(step)
         wanted = self._symlists.get(cmd)
         if wanted is not None:
             macros = {k: v for k, v in macros.items() if _macro_key(k) in wanted}
@@ -312,95 +295,10 @@ class MilterSession:
         protocol = self._protocol()
         if protocol & no_flag:
             if macro_packet:
-                self._send(step, macro_packet)
+                chan.send(step, macro_packet)
             return Reply("continue", sent=False, note="not sent: declined by the milter, %s" % _FLAG_NAMES[no_flag])
-        self._send(step, macro_packet + packet)
+        chan.send(step, macro_packet + packet)
         if protocol & nr_flag:
             return Reply("continue", awaited=False,
                          note="no reply awaited: declined by the milter, %s" % _FLAG_NAMES[nr_flag])
-        return self._await(step, allow_skip, allow_modifications)
-
-    def _await(self, step: str, allow_skip: bool, allow_modifications: bool) -> Reply:
-        started = time.monotonic()
-        deadline = started + self.timeout
-        modifications: List[Modification] = []
-        while True:
-            cmd, data = self._read_packet(step, deadline)
-            try:
-                response = codec.decode_response(cmd, data)
-            except ProtocolError as err:
-                self._fail(step, err.detail)
-            if isinstance(response, Progress):
-                deadline = min(time.monotonic() + self.timeout, started + PROGRESS_CAP * self.timeout)
-                continue
-            if isinstance(response, Modification):
-                if not allow_modifications:
-                    self._fail(step, "modification %s is only allowed at end of message"
-                               % codec.response_name(cmd))
-                modifications.append(response)
-                continue
-            if isinstance(response, OptNeg):
-                self._fail(step, "unexpected optneg packet")
-            assert isinstance(response, Reply)
-            if response.action == "skip" and not (allow_skip and self._protocol() & proto.SMFIP_SKIP):
-                self._fail(step, "skip is only allowed after a body chunk, when negotiated (SMFIP_SKIP)")
-            if modifications:
-                return Reply(response.action, response.code, response.xcode, response.text, response.raw,
-                             modifications=tuple(modifications))
-            return response
-
-    def _fail(self, step: str, detail: str) -> NoReturn:
-        err = ProtocolError(detail, step)
-        self._broken = err
-        raise err
-
-    def _send(self, step: str, packet: bytes) -> None:
-        assert self._sock is not None
-        log.debug("%s: send %r", step, packet[:80])
-        try:
-            self._sock.settimeout(self.timeout)
-            self._sock.sendall(packet)
-        except socket.timeout:
-            self._fail(step, "milter did not take the command within %gs" % self.timeout)
-        except OSError as err:
-            self._fail(step, "cannot send to milter: %s" % err)
-
-    def _read_packet(self, step: str, deadline: float) -> Tuple[bytes, bytes]:
-        header = self._read_exact(step, 4, deadline, "packet header")
-        try:
-            length = codec.packet_length(header)
-        except ProtocolError as err:
-            self._fail(step, err.detail)
-        body = self._read_exact(step, length, deadline, "packet")
-        log.debug("%s: received %r", step, (header + body)[:80])
-        return body[:1], body[1:]
-
-    def _read_exact(self, step: str, size: int, deadline: float, what: str) -> bytes:
-        assert self._sock is not None
-        buf = bytearray()
-        while len(buf) < size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._timeout(step, buf, size, what)
-            self._sock.settimeout(remaining)
-            try:
-                chunk = self._sock.recv(min(size - len(buf), 65536))
-            except socket.timeout:
-                self._timeout(step, buf, size, what)
-            except ConnectionResetError:
-                chunk = b""  # a reset is the milter hanging up, only more abruptly
-            except OSError as err:
-                self._fail(step, "cannot read from milter: %s" % err)
-            if not chunk:
-                if not buf and what == "packet header":
-                    self._fail(step, "milter closed the connection without answering")
-                self._fail(step, "truncated %s: milter closed the connection after %d of %d bytes"
-                           % (what, len(buf), size))
-            buf.extend(chunk)
-        return bytes(buf)
-
-    def _timeout(self, step: str, buf: bytearray, size: int, what: str) -> NoReturn:
-        if buf or what == "packet":
-            self._fail(step, "timeout: %s incomplete after %gs (%d of %d bytes)"
-                       % (what, self.timeout, len(buf), size))
-        self._fail(step, "timeout: no reply within %gs" % self.timeout)
+        return chan.await_reply(step, allow_skip and bool(protocol & proto.SMFIP_SKIP), allow_modifications)
