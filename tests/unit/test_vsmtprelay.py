@@ -57,7 +57,7 @@ def test_dump_orders_by_address_numerically(capsys, db):
     for ip in ("10.0.0.10", "2001:db8::2", "10.0.0.9", "9.255.0.1", "2001:db8::10"):
         run(capsys, "-f", db, "add", ip, "100")
     lines = run(capsys, "-f", db, "dump")[1].splitlines()[1::2]
-    assert [l.split()[0] for l in lines] == ["9.255.0.1", "10.0.0.9", "10.0.0.10", "2001:db8::2", "2001:db8::10"]
+    assert [line.split()[0] for line in lines] == ["9.255.0.1", "10.0.0.9", "10.0.0.10", "2001:db8::2", "2001:db8::10"]
 
 
 def populate(capsys, db):
@@ -73,7 +73,7 @@ def populate(capsys, db):
 
 
 def listed(out: str) -> list[str]:
-    return [l.split()[0] for l in out.splitlines() if not l.startswith("#")]
+    return [line.split()[0] for line in out.splitlines() if not line.startswith("#")]
 
 
 def test_list_all_old_and_older_than_n(capsys, db):
