@@ -53,7 +53,7 @@ DEFAULT_SOCKET = "inet:8894@127.0.0.1"
 SOCKET_RE = re.compile(r"^(?:inet:\d{1,5}(?:@\S+)?|inet6:\d{1,5}(?:@\S+)?|(?:unix|local):/\S+)$")
 
 TOP_KEYS = (
-    "socket", "workers", "log", "log_level", "mta", "local_domains", "local_domains_file", "add_host_names",
+    "socket", "workers", "cpu_affinity", "log", "log_level", "mta", "local_domains", "local_domains_file", "add_host_names",
     "relay_domains", "relay_domains_file", "relay_subdomains", "percent_hack", "bang_paths",
     "trusted_networks", "permit_authenticated", "trust_local_socket", "relayers", "spammers", "popwatch",
     "limits", "modes", "local_recipients", "metrics",
@@ -66,6 +66,7 @@ class Config:
     source: str
     socket: str = DEFAULT_SOCKET
     workers: Optional[int] = None           # milter processes; None = auto (the CPUs this process may use)
+    cpu_affinity: bool = False              # pin worker i to the i-th CPU this process may use
     log: str = "stderr"
     log_level: str = "info"
     mta: str = "sendmail"
@@ -176,6 +177,7 @@ def load_config(path: Optional[str] = None) -> Config:
         source=source,
         socket=socket_spec,
         workers=workers,
+        cpu_affinity=_choice(top, "cpu_affinity", "none", ("none", "auto")) == "auto",
         log=_choice(top, "log", "stderr", ("stderr", "syslog")),
         log_level=_choice(top, "log_level", "info", ("debug", "info", "warning", "error")),
         mta=mta,

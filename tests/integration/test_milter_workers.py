@@ -312,3 +312,40 @@ def test_a_session_after_quit_nc_does_not_inherit_the_client(milter, end):
         s.channel.send("QUIT_NC", codec.encode_quit_nc())
         s.mail("<a@example.net>")          # the next SMTP session, with no CONNECT
         assert str(s.rcpt("<bob@remote.example>")) == DENIED
+
+
+def allowed(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+def test_cpu_affinity_auto_pins_each_worker_and_its_replacement(tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    m = MilterProcess(tmp_path, {"workers": 3, "cpu_affinity": "auto"}).start()
+    try:
+        pids = m.workers(3)
+        for pid in pids:
+            m.wait_for_log("worker %d pinned to CPU " % pid)
+        pinned = {pid: allowed(pid) for pid in pids}
+        assert all(len(s) == 1 for s in pinned.values()), pinned
+        used = sorted(next(iter(s)) for s in pinned.values())
+        assert used == sorted(cpus[i % len(cpus)] for i in range(3)), (used, cpus)    # round robin
+        assert allowed(m.pid) == set(cpus)          # the supervisor itself is not pinned
+        # A replacement takes its slot's CPU.
+        victim = pids[-1]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(children(m.pid)) == 3 and victim not in children(m.pid), what="a replacement")
+        (new,) = set(children(m.pid)) - set(pids)
+        m.wait_for_log("worker %d pinned to CPU " % new)
+        assert allowed(new) == pinned[victim]
+        # A reload cannot unpin them: logged, kept.
+        m.write_config({"workers": 3, "cpu_affinity": "none"})
+        m.hup()
+        m.wait_for_log("cpu_affinity cannot change while running (still auto)")
+    finally:
+        m.stop()
+
+
+def test_cpu_affinity_is_off_by_default(milter3):
+    cpus = os.sched_getaffinity(0)
+    assert all(allowed(pid) == cpus for pid in milter3.workers(3))
+    assert "pinned to CPU" not in milter3.log()
