@@ -8,8 +8,9 @@ DESCRIPTION
     The Debian package installs rules/relaymilter.sample.yaml (every key with
     its default and a comment) as its configuration, with the per-user paths
     of a classic virtual-server install (~/etc/relayers.db, ~/etc/spammers)
-    replaced by system ones, and logging sent to syslog (facility mail, like
-    sendmail and Postfix; journald picks it up under systemd). Each change
+    replaced by system ones, logging sent to syslog (facility mail, like
+    sendmail and Postfix; journald picks it up under systemd), and the log
+    watcher reading the journal where journald runs (source: auto). Each change
     keeps the sample's default in a trailing comment, so an administrator
     sees what was changed and why.
 
@@ -53,6 +54,9 @@ CHANGES = (
     ("  path: ~/etc/relayers.db", "  path: /var/lib/relaymilter/relayers.db"),
     ("  source: ~/etc/spammers", "  source: /etc/relaymilter/spammers"),
     ("  path: ~/etc/spammers.db", "  path: /var/lib/relaymilter/spammers.db"),
+    # Logins from the journal where journald runs: there they cannot be forged.
+    ("  source: files", "  source: auto"),
+    ("  journal_cursor: ~/etc/relaymilter-popwatch.cursor", "  journal_cursor: /var/lib/relaymilter/popwatch.cursor"),
 )
 
 

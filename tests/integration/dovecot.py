@@ -31,7 +31,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 USER = "alice"
@@ -40,7 +40,7 @@ PASSWORD = "secret"
 CONF = """\
 base_dir = {run}/run
 state_dir = {run}/state
-instance_name = rmtest-{tag}
+instance_name = {instance}
 listen = 127.0.0.1
 protocols = pop3 imap
 ssl = no
@@ -48,7 +48,7 @@ disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
 auth_failure_delay = 0
-log_path = {run}/dovecot.log
+log_path = {log_path}
 log_timestamp = "{log_timestamp}"
 mail_location = maildir:~/Maildir
 passdb {{
@@ -135,9 +135,18 @@ def imap_from(source: str, port: int, host: str = "127.0.0.1") -> imaplib.IMAP4:
 class DovecotServer:
     """One private Dovecot instance; start() / stop() or use as a context manager."""
 
-    def __init__(self, log_timestamp: str = "%b %d %H:%M:%S ", start_timeout: float = 15.0) -> None:
+    def __init__(self, log_timestamp: str = "%b %d %H:%M:%S ", start_timeout: float = 15.0,
+                 log_to: Optional[str] = None, preexec: Optional[Callable[[], None]] = None,
+                 instance_name: Optional[str] = None) -> None:
+        """log_to: Dovecot's log_path (default: the file log_path names; "syslog" for syslog(3));
+        preexec: run in the child before dovecot is executed (e.g. to connect its stderr to journald);
+        instance_name: default rmtest-RUNDIR (it is also Dovecot's syslog identifier: "dovecot" as
+        installed)."""
         self.log_timestamp = log_timestamp
         self.start_timeout = start_timeout
+        self.log_to = log_to
+        self.preexec = preexec
+        self.instance_name = instance_name
         self.rundir = ""
         self.pop3_port = 0
         self.imap_port = 0
@@ -166,8 +175,10 @@ class DovecotServer:
         while self.imap_port == self.pop3_port:
             self.imap_port = free_port()
         with open(self.conf_path, "w", encoding="ascii") as fh:
-            fh.write(CONF.format(run=self.rundir, tag=os.path.basename(self.rundir), pop3_port=self.pop3_port,
-                                 imap_port=self.imap_port, log_timestamp=self.log_timestamp))
+            fh.write(CONF.format(run=self.rundir, pop3_port=self.pop3_port,
+                                 imap_port=self.imap_port, log_timestamp=self.log_timestamp,
+                                 log_path=self.log_to or self.log_path,
+                                 instance=self.instance_name or "rmtest-" + os.path.basename(self.rundir)))
 
     def start(self) -> "DovecotServer":
         self._write_files()
@@ -175,7 +186,8 @@ class DovecotServer:
         if check.returncode != 0:
             raise RuntimeError("doveconf refused the test config: %s" % check.stderr.strip())
         self.proc = subprocess.Popen([DOVECOT, "-F", "-c", self.conf_path], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=None if self.preexec else subprocess.PIPE, preexec_fn=self.preexec)
         deadline = time.monotonic() + self.start_timeout
         pidfile = os.path.join(self.rundir, "run", "master.pid")
         while time.monotonic() < deadline:

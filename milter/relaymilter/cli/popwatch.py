@@ -3,7 +3,7 @@
 
 SYNOPSIS
     relaymilter-popwatch [-c FILE] [--grace=SECONDS] [--logfile=FILE ...]
-        [--dbfile=FILE|URL] [--[no]write] [--[no]flock] [--[no]debug]
+        [--source=auto|journal|files] [--dbfile=FILE|URL] [--[no]write] [--[no]flock] [--[no]debug]
         [--readback|--reprocess] [--pattern=NAME ...] [--pattern-file=FILE]
         [--max-session=SECONDS]
     relaymilter-popwatch --test LOGFILE | --list | --dumpconfig | --version
@@ -19,6 +19,10 @@ DESCRIPTION
     reloads the configuration and patterns and reopens the logs; SIGTERM
     and SIGINT write what is pending and exit 0.
 
+    --source      where logins are read: the log files, the systemd journal
+                  (only lines whose sender popwatch.journal_senders accepts:
+                  they cannot be forged), or auto (the journal when journald
+                  runs). Default popwatch.source; --logfile alone means files.
     --nowrite     never touches the map; logs what it would record/expire.
     --noflock     accepted for compatibility only: the map is always locked
                   (flock), as sendmail and Postfix expect.
@@ -33,7 +37,7 @@ DESCRIPTION
 DIAGNOSTICS
     A bad configuration or pattern file: one ``relaymilter-popwatch: error:
     FILE:LINE: ...`` line, exit 2; bad usage exit 2. A store that cannot be
-    opened: exit 1.
+    opened, or journalctl missing for the journal source: exit 1.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ from relaymilter.decisionlog import printable
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.metrics import MetricsError
 from relaymilter.popwatch.matcher import Matcher
+from relaymilter.popwatch.journal import JournalError
 from relaymilter.popwatch.patterns import PatternSet, default_pattern_file, load_patterns
 from relaymilter.popwatch.readback import read_file
 from relaymilter.popwatch.recorder import DEFAULT_MAX_SESSION, Tracker
 from relaymilter.popwatch.service import Settings, Watcher
+from relaymilter.popwatchconfig import SOURCES, journal_running
 
 PROG = "relaymilter-popwatch"
 USER_MAX = 256          # characters of a user name shown (escaped: a log line cannot forge output lines)
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: popwatch.max_session, %d)" % DEFAULT_MAX_SESSION)
     p.add_argument("--logfile", "--watchlog", action="append", metavar="FILE", dest="logfiles",
                    help="log file to follow (repeatable; replaces popwatch.logfiles)")
+    p.add_argument("--source", choices=SOURCES, help="read logins from the log files, the systemd journal "
+                   "(senders checked: cannot be forged), or auto: the journal when journald runs "
+                   "(default: popwatch.source; --logfile alone means files)")
     p.add_argument("--dbfile", metavar="FILE|URL", help="relayers map: a path or a redis:// URL")
     p.add_argument("--pattern", action="append", metavar="NAME", dest="patterns",
                    help="use this pattern (repeatable, or comma-separated; default: all)")
@@ -109,6 +118,9 @@ def resolve(opts: argparse.Namespace) -> tuple[Settings, PatternSet]:
     if max_session < 1:
         raise ConfigError("--max-session must be at least 1 second")
     skip = pw.skip_networks if pw.skip_networks is not None else cfg.trusted_networks
+    source = opts.source or ("files" if opts.logfiles else pw.source)
+    if source == "auto":
+        source = "journal" if journal_running() else "files"
     settings = Settings(
         logfiles=tuple(opts.logfiles) if opts.logfiles else tuple(pw.logfiles),
         dbfile=opts.dbfile or cfg.relayers.location,
@@ -123,6 +135,9 @@ def resolve(opts: argparse.Namespace) -> tuple[Settings, PatternSet]:
         limits=cfg.limits,
         limits_warn="limits" in cfg.modes.warn,
         metrics_listen=cfg.metrics.popwatch_listen,
+        source=source,
+        journal_senders=pw.journal_senders,
+        journal_cursor=pw.journal_cursor,
     )
     return settings, patterns
 
@@ -131,7 +146,10 @@ def dump_settings(s: Settings, out: TextIO) -> None:
     yes = {True: "yes", False: "no"}
     rows = [
         ("config", s.config),
+        ("source", s.source),
         ("logfiles", ", ".join(s.logfiles)),
+        ("journal_senders", "; or ".join(x.describe() for x in s.journal_senders)),
+        ("journal_cursor", s.journal_cursor or "(none)"),
         ("dbfile", s.dbfile),
         ("grace", "%d" % s.grace),
         ("max_session", "%d" % s.max_session),
@@ -232,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as exc:
         err.write("%s: error: %s: %s\n" % (PROG, exc.filename, exc.strerror))
         return 1
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, JournalError) as exc:
         err.write("%s: error: %s\n" % (PROG, exc))
         return 1
     except BrokenPipeError:

@@ -74,6 +74,8 @@ class Chunk:
     path: str
     data: bytes
     backlog: bool = False
+    # Journal lines from senders popwatch.journal_senders does not accept: (where a line starts, who sent it).
+    senders: Optional[list[tuple[int, str]]] = None
 
 
 class LineBuffer:

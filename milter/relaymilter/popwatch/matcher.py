@@ -201,6 +201,12 @@ class Matcher:
                                 c.by_ip or (c.by_session and session is not None)))
         return events
 
+    def candidate_starts(self, block: bytes) -> Optional[set[int]]:
+        """Where the lines of *block* that some rule may match start; None: any line may (a rule has no prefilter)."""
+        if self._always:
+            return None
+        return set(self.plan.candidates(block))
+
     def _fast_for(self, roots: int) -> Optional[_Compiled]:
         """The single rule for lines with *roots* when no longer prefilter is left to check; else None."""
         mask, longer = self.plan.resolve(roots)

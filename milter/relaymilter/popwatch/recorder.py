@@ -241,6 +241,11 @@ class Tracker:
 
     # -- writing ------------------------------------------------------------
 
+    @property
+    def pending(self) -> bool:
+        """Whether logins or logouts wait to be written (a store error, or not flushed yet)."""
+        return bool(self._writes)
+
     def retry_now(self) -> None:
         """Forget the back-off after a store error (the final flush before exit tries once more)."""
         self._retry_at = 0.0

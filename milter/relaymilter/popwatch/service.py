@@ -2,8 +2,12 @@
     relaymilter.popwatch.service - the watcher's main loop
 
 DESCRIPTION
-    Watcher ties the parts together: Follower (new lines) -> Matcher (login
-    and logout events) -> Tracker (relayers.db writes and expiry).
+    Watcher ties the parts together: Follower (new lines of the log files)
+    or JournalFollower (new journal entries, as lines) -> Matcher (login and
+    logout events) -> Tracker (relayers.db writes and expiry). Journal lines
+    from senders that popwatch.journal_senders does not accept go through a
+    matcher of their own, only so that each login among them is logged as
+    refused (with the sender's journal fields) and counted.
 
     One loop iteration reads every file to its current end, matches the
     lines, writes all the logins of that burst in one locked update, expires
@@ -27,7 +31,8 @@ DESCRIPTION
 
 DIAGNOSTICS
     ConfigError from the first load propagates (the CLI prints it, exit 2).
-    Store errors are logged and retried (see recorder.py).
+    Store errors are logged and retried (see recorder.py). JournalError
+    (journalctl missing) propagates from start (the CLI prints it, exit 1).
 """
 
 from __future__ import annotations
@@ -39,16 +44,19 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
+from relaymilter.decisionlog import printable
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.policy.limits import Limits
-from relaymilter.popwatch.follow import Follower
+from relaymilter.popwatch.follow import Chunk, Follower
+from relaymilter.popwatch.journal import JournalFollower, journalctl_missing
 from relaymilter.popwatch.logins import LoginGuard
 from relaymilter.popwatch.matcher import Matcher
 from relaymilter.popwatch.patterns import PatternSet
 from relaymilter.popwatch.readback import previous_file, read_file, start_offset
 from relaymilter.popwatch.recorder import Network, Tracker
+from relaymilter.popwatchconfig import DEFAULT_JOURNAL_SENDERS, JournalSender
 from relaymilter.store.guard import open_guard_store
 from relaymilter.store.relayers import RelayStore, open_relay_store
 
@@ -75,6 +83,9 @@ class Settings:
     limits: Optional[Limits] = None         # relaying limits (addresses_per_hour is applied at login)
     limits_warn: bool = False
     metrics_listen: Optional[tuple[str, int]] = None    # (host, port) of the metrics endpoint; None = off
+    source: str = "files"                               # files or journal (auto is resolved by the CLI)
+    journal_senders: tuple[JournalSender, ...] = DEFAULT_JOURNAL_SENDERS
+    journal_cursor: Optional[str] = None
 
     def readback_window(self, patterns: PatternSet) -> int:
         sessions = any(p.tracks_sessions for p in patterns.patterns)
@@ -103,13 +114,19 @@ class Watcher:
         self.matcher = Matcher(self.patterns)
         self.tracker = Tracker(self.store, self.settings.grace, self.settings.max_session,
                                self.settings.skip_networks, self.settings.write)
-        self.follower = Follower(self.settings.logfiles, use_inotify=use_inotify)
+        self.follower = self._new_follower(self.settings)
+        self.refused = Matcher(self.patterns)       # journal lines of senders not accepted
         self._cutoff: Optional[float] = None
         self._flushed = 0.0         # monotonic time of the last flush
         # Read by the metrics endpoint's thread (relaymilter.metrics.popwatch).
         self.lines_read = 0
         self.caught_up_at = time.time()     # when every log was last read to its end
         self.config_reloads = {"ok": 0, "failed": 0}
+
+    def _new_follower(self, s: Settings) -> Union[Follower, JournalFollower]:
+        if s.source == "journal":
+            return JournalFollower(s.journal_senders, s.journal_cursor)
+        return Follower(s.logfiles, use_inotify=self._use_inotify)
 
     def _open_store(self, settings: Settings) -> Optional[RelayStore]:
         if not settings.write:
@@ -184,6 +201,13 @@ class Watcher:
 
     def _start(self) -> None:
         s = self.settings
+        if isinstance(self.follower, JournalFollower):
+            # Journal entries read at start are dated: those older than the read-back window are useless.
+            self._cutoff = time.time() - s.readback_window(self.patterns)
+            self.follower.start(self._cutoff, s.readback)
+            log.info("following the systemd journal; relayers map %s; grace %ds; patterns %s",
+                     s.dbfile if s.write else "(nowrite: not touched)", s.grace, ", ".join(self.patterns.names))
+            return
         position = None
         if s.readback:
             now = time.time()
@@ -222,13 +246,14 @@ class Watcher:
             gc.disable()
         try:
             now = time.time()
-            for c in chunks:
-                self._feed(c.data, now, c.backlog)
+            self._feed_chunks(chunks, now)
             if final:
                 self.tracker.retry_now()
             if final or not self.follower.behind or time.monotonic() - self._flushed >= HOLD_WRITES:
                 self.tracker.flush(time.time())
                 self._flushed = time.monotonic()
+                if isinstance(self.follower, JournalFollower) and not self.tracker.pending:
+                    self.follower.checkpoint(final)     # every login read so far is in the map
             self.tracker.expire(time.time())
         finally:
             if collecting:
@@ -246,12 +271,40 @@ class Watcher:
         except (BlockingIOError, OSError):
             pass
 
+    def _feed_chunks(self, chunks: list[Chunk], now: float) -> None:
+        for c in chunks:
+            if c.senders is None:
+                self._feed(c.data, now, c.backlog)
+            else:
+                self._refuse(c, now)
+
+    def _refuse(self, chunk: Chunk, now: float) -> None:
+        """Log each login among journal lines of senders not accepted; record none."""
+        assert chunk.senders is not None
+        block = chunk.data
+        self.lines_read += len(chunk.senders)
+        starts = self.refused.candidate_starts(block)
+        for start, sender in chunk.senders:
+            if starts is not None and start not in starts:
+                continue
+            for ev in self.refused.scan(block[start:block.find(b"\n", start) + 1], now):
+                if ev.kind != "login":
+                    continue
+                self.follower.stats["refused_logins"] += 1
+                log.warning("refused: a login line from a sender popwatch.journal_senders does not accept (%s): "
+                            "%s (%s%s%s); not recorded", sender, printable(ev.ip or "", 60), ev.pattern,
+                            ", user " if ev.user else "", printable(ev.user, 256) if ev.user else "")
+
     def _reload(self) -> None:
         log.info("SIGHUP: reloading configuration and patterns, reopening logs")
         try:
             settings, patterns = self._load()
         except ConfigError as exc:
             log.error("reload failed, keeping the running settings: %s", exc)
+            self.config_reloads["failed"] += 1
+            return
+        if settings.source == "journal" and self.settings.source != "journal" and journalctl_missing():
+            log.error("reload failed, keeping the running settings: %s", journalctl_missing())
             self.config_reloads["failed"] += 1
             return
         if settings.dbfile != self.settings.dbfile or settings.write != self.settings.write:
@@ -273,13 +326,22 @@ class Watcher:
             self.tracker.configure(settings.grace, settings.max_session, settings.skip_networks)
         if patterns.patterns != self.patterns.patterns:
             self.matcher = Matcher(patterns)
-        if settings.logfiles != self.settings.logfiles:
-            for c in self.follower.read():
-                self._feed(c.data, time.time(), c.backlog)
+            self.refused = Matcher(patterns)
+        if (settings.source, settings.logfiles, settings.journal_cursor) != (
+                self.settings.source, self.settings.logfiles, self.settings.journal_cursor):
+            self._feed_chunks(self.follower.read(), time.time())
+            self.tracker.flush(time.time())
+            if isinstance(self.follower, JournalFollower) and not self.tracker.pending:
+                self.follower.checkpoint(final=True)
             self.follower.close()
-            self.follower = Follower(settings.logfiles, use_inotify=self._use_inotify)
-            self.follower.start()
+            self.follower = self._new_follower(settings)
+            if isinstance(self.follower, JournalFollower):
+                self.follower.start(time.time() - settings.readback_window(patterns), False)
+            else:
+                self.follower.start()
         else:
+            if isinstance(self.follower, JournalFollower):
+                self.follower.senders = settings.journal_senders
             self.follower.reopen()
         if isinstance(self.store, LoginGuard):
             self.store.limits, self.store.warn = settings.limits, settings.limits_warn
