@@ -36,6 +36,8 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -45,7 +47,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from relaymilter.errors import StoreUnavailable
 
@@ -60,6 +62,40 @@ ADDRESSES = 30              # most distinct addresses a user can be counted with
 LOCK_WAIT = 0.25            # seconds: a decision never waits longer than this for the counters
 FAMILIES = {"recipients": 1, "messages": 2, "addresses": 3}
 _NAMES = {v: k for k, v in FAMILIES.items()}
+
+
+def _gil_holding_flock() -> Optional[Callable[[int, int], int]]:
+    """libc's flock() called through ctypes.PyDLL, which keeps the GIL (None where there is none)."""
+    try:
+        func = ctypes.PyDLL(None, use_errno=True).flock
+    except (OSError, AttributeError):
+        return None
+    func.argtypes, func.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return func
+
+
+# fcntl.flock lets go of the GIL around the call, as it must for a lock that may block. A
+# non-blocking flock or an unlock never blocks, and in a milter whose libmilter threads all
+# want the GIL each letting-go hands it to another thread and waits to get it back: two thread
+# switches per count. So those two calls keep the GIL; a lock that has to be waited for is
+# waited for with the GIL let go (time.sleep between tries).
+_FLOCK = _gil_holding_flock()
+
+
+def _flock_nb(fd: int, how: int) -> bool:
+    """flock(fd, how | LOCK_NB) (how: LOCK_EX, LOCK_SH or LOCK_UN): whether it was done now."""
+    if _FLOCK is None:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    if _FLOCK(fd, how | fcntl.LOCK_NB) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EWOULDBLOCK:
+        return False
+    raise OSError(err, os.strerror(err))
 
 _HEADER = struct.Struct("<8sIII")          # magic, slots, slot size, minutes
 _SLOT_HEAD = struct.Struct("<QIBB2x")      # hash, last minute, family, key length
@@ -169,20 +205,19 @@ class CounterFile:
         return StoreUnavailable("%s: %s%s" % (self.path, what, detail))
 
     def _lock(self, fd: int, how: int) -> None:
-        try:
-            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        if _flock_nb(fd, how):
             return
-        except BlockingIOError:
-            pass
         deadline = time.monotonic() + self.lock_wait
         while True:
             time.sleep(0.0005)
-            try:
-                fcntl.flock(fd, how | fcntl.LOCK_NB)
+            if _flock_nb(fd, how):
                 return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise self._fail("lock not obtained within %gs" % self.lock_wait) from None
+            if time.monotonic() >= deadline:
+                raise self._fail("lock not obtained within %gs" % self.lock_wait)
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        _flock_nb(fd, fcntl.LOCK_UN)
 
     def _attach(self) -> Optional[mmap.mmap]:
         """This process's mapping (opened, and created when missing and allowed); None: no file."""
@@ -315,7 +350,7 @@ class CounterFile:
                         counts[family] += n
                 return Charge(over, counts)
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._unlock(self._fd)
 
     def _see(self, mm: mmap.mmap, identity: str, text: bytes, address: str, minute: int) -> int:
         """Record *address* for *identity* at *minute*; how many distinct addresses in the hour (capped)."""
@@ -379,7 +414,7 @@ class CounterFile:
                         text = mm[off + 16:off + 16 + klen].decode("utf-8", "surrogateescape")
                         found.append(Usage(family, text, count))
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._unlock(self._fd)
         return found
 
     def forget(self, identity: str) -> None:
@@ -398,4 +433,4 @@ class CounterFile:
                         _SLOT_HEAD.pack_into(mm, off, slot_hash(family, identity), 0, FAMILIES[family], 0)
                         mm[off + _DATA:off + SLOT] = bytes(SLOT - _DATA)
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._unlock(self._fd)
