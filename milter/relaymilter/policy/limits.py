@@ -91,6 +91,7 @@ class Outcome(Protocol):
     identity: str
     suspended: Optional[object]
     charge: Optional["ChargeLike"]
+    stamp: Optional[int]
 
 
 class ChargeLike(Protocol):
@@ -100,6 +101,8 @@ class ChargeLike(Protocol):
 
 class Store(Protocol):
     """The part of relaymilter.store.guard.GuardStore the milter uses."""
+
+    folds_relay_lookup: bool
 
     def gate(self, ask: object) -> Outcome: ...
 
@@ -119,6 +122,8 @@ class Step(NamedTuple):
 
 
 PASS = Step(None, "")
+_FIRST = {"recipients": 1, "messages": 1}      # a transaction's first relayed recipient
+_NEXT = {"recipients": 1}
 
 
 class Txn:
@@ -157,6 +162,11 @@ class Guard:
     def active(self) -> bool:
         return self.limits is not None and bool(self.table) and self.store is not None
 
+    @property
+    def folds_relay_lookup(self) -> bool:
+        """Whether at_listed_rcpt() can answer the relayers lookup too (a Redis store)."""
+        return self.active and bool(getattr(self.store, "folds_relay_lookup", False))
+
     # -- the store, guarded ------------------------------------------------------------------
 
     def _available(self) -> bool:
@@ -165,13 +175,16 @@ class Guard:
             return False
         return True
 
-    def _failed(self, exc: StoreUnavailable) -> None:
-        """Count a decision made without the limits; log the outage's start, then once a minute."""
+    def _failed(self, exc: StoreUnavailable, count: bool = True) -> None:
+        """Count a decision made without the limits (unless the caller's next step will); log the
+        outage's start, then once a minute."""
         with self._lock:
-            self.stats["unavailable"] += 1
+            if count:
+                self.stats["unavailable"] += 1
             now = self.clock()
             if self._down_since is None:
-                self._down_since, self._down_count, self._next_log = now, self.stats["unavailable"] - 1, now + 60
+                self._down_since, self._next_log = now, now + 60
+                self._down_count = self.stats["unavailable"] - (1 if count else 0)
                 log.error("relaying limits not applied: counters unavailable: %s (not asked again for %gs)",
                           exc, BREAKER)
             elif now >= self._next_log:
@@ -229,7 +242,7 @@ class Guard:
         if not self._available():
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
         assert self.store is not None and self.limits is not None
-        add = {"recipients": 1} if txn.counted else {"recipients": 1, "messages": 1}
+        add = _NEXT if txn.counted else _FIRST
         # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
                             now=now, see="addresses" in self.table and not txn.seen and bool(address), force=warn,
@@ -241,6 +254,39 @@ class Guard:
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
         if self._down_since is not None:
             self._recovered()
+        return self._judged(txn, outcome, now, warn)
+
+    def at_listed_rcpt(self, txn: Txn, address: str, since: int, now: float,
+                       warn: bool = False) -> Optional[tuple[Optional[int], Optional[Step]]]:
+        """A transaction's first relay attempt from *address* (canonical), no AUTH: the relayers lookup and
+        at_rcpt() in one call to the store (folds_relay_lookup).
+
+        Returns (the relayers map's value for *address* or None, the Step
+        when it is listed with a login at or after *since*, else None: then
+        nothing was counted); None when the store could not be asked (the
+        caller looks the address up itself, and at_rcpt() then says
+        limits=unavailable).
+        """
+        if self.clock() < self._closed_until:
+            return None             # counted as unavailable by the caller's at_rcpt()
+        assert self.store is not None
+        ask = self.make_ask(address=address, identity=None, add=_FIRST, limits=self.table, now=now,
+                            see="addresses" in self.table, force=warn, held=True, listed_since=since)
+        try:
+            outcome = self.store.gate(ask)
+        except StoreUnavailable as exc:
+            self._failed(exc, count=False)
+            return None
+        if self._down_since is not None:
+            self._recovered()
+        stamp = outcome.stamp
+        if stamp is None or stamp < since:
+            return stamp, None
+        return stamp, self._judged(txn, outcome, now, warn)
+
+    def _judged(self, txn: Txn, outcome: Outcome, now: float, warn: bool) -> Step:
+        """at_rcpt()'s answer from what the store said."""
+        assert self.limits is not None
         identity = txn.identity = outcome.identity
         note = _note(identity)
         if outcome.suspended is not None:

@@ -44,7 +44,10 @@ DESCRIPTION
                         [limits] goes after a Continue here, the only place a
                         session relays: it receives the session (identity:
                         the AUTH user, else the POP user of client.key, else
-                        client.key) and the resolved recipient.
+                        client.key) and the resolved recipient. A store that
+                        can (Redis) answers the relayers lookup of this step
+                        and counts the limits in one call, counting only if
+                        the client is LISTED (Guard.at_listed_rcpt).
       5. refusal        550 5.7.1 Relaying denied (553 5.1.3 for an address
                         that cannot be parsed).
 
@@ -79,13 +82,14 @@ Stdlib only: part of the pure policy core.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Optional
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Continue, Decision, TempFail
-from relaymilter.policy.limits import Guard, Txn
+from relaymilter.policy.limits import Guard, Step, Txn
 from relaymilter.policy.mail import SENDER_OK, SPAMMER, SPAMMERS_UNAVAILABLE, SenderKeys
 from relaymilter.policy.modes import ENFORCE_ALL, Modes
 from relaymilter.policy.rcpt import UNKNOWN_CLIENT, Client, Destination, Place
@@ -100,7 +104,7 @@ class Session:
     """One SMTP connection's decisions, in the order the MTA asks for them."""
 
     __slots__ = ("sources", "clock", "client", "auth", "sender", "_standing", "guard", "modes", "txn", "warned",
-                 "note", "_cause", "_known", "_blocklisted")
+                 "note", "_cause", "_known", "_blocklisted", "_counted")
 
     def __init__(self, sources: Sources, clock: Callable[[], float] = time.time) -> None:
         self.sources = sources
@@ -117,6 +121,7 @@ class Session:
         self._known: Optional[Lookup] = None     # local_recipients as of this transaction
         self._cause = ""                    # why relayers.db was unavailable, for the log line
         self._blocklisted: Optional[Blocklisted] = None     # the lists' answer, once per connection
+        self._counted: Optional[Step] = None    # the limits' answer given with the relayers lookup
 
     def connect(self, client: Client) -> None:
         """A new SMTP session from *client* (RcptPolicy.client / local_client, or UNKNOWN_CLIENT)."""
@@ -134,6 +139,7 @@ class Session:
         self._standing = None
         self._known = None
         self.txn = Txn()
+        self._counted = None
         self.warned, self.note = None, ""
         current = getattr(self.sources, "current_modes", None)
         self.modes = current() if current is not None else ENFORCE_ALL
@@ -172,7 +178,7 @@ class Session:
             if lists is None or type(verdict.decision) is not Continue or lists.exempt(dest.resolved):
                 return verdict
             return self._blocklists(lists, verdict)
-        standing = self.standing()
+        standing = self.standing(relaying=True)
         granted = _GRANTED.get(standing)
         if granted is not None:
             return RcptVerdict(self._limits(standing, granted), dest)
@@ -198,7 +204,11 @@ class Session:
             identity = self.auth or key
             self.note = "user=%s " % identity if identity else ""
             return granted
-        step = guard.at_rcpt(self.txn, key, self.auth, self.clock(), "limits" in self.modes.warn)
+        step = self._counted
+        if step is not None:            # counted with the relayers lookup (_judge)
+            self._counted = None
+        else:
+            step = guard.at_rcpt(self.txn, key, self.auth, self.clock(), "limits" in self.modes.warn)
         self.note, self.warned = step.note, step.would
         return step.refusal if step.refusal is not None else granted
 
@@ -231,14 +241,19 @@ class Session:
             decision = TempFail(RELAYERS_UNAVAILABLE.reply, RELAYERS_UNAVAILABLE.rule, self._cause)
         return RcptVerdict(decision, dest, accepted.source, found.note)
 
-    def standing(self) -> Standing:
-        """The client's standing in this transaction, worked out at most once per transaction."""
+    def standing(self, relaying: bool = False) -> Standing:
+        """The client's standing in this transaction, worked out at most once per transaction.
+
+        *relaying*: asked for a recipient that relays if the client may
+        (Place.ELSEWHERE or UNPARSED), whose limits may then be counted
+        with the relayers lookup.
+        """
         standing = self._standing
         if standing is None:
-            standing = self._standing = self._judge()
+            standing = self._standing = self._judge(relaying)
         return standing
 
-    def _judge(self) -> Standing:
+    def _judge(self, relaying: bool) -> Standing:
         client, policy = self.client, self.sources.policy
         if client.trusted:
             return Standing.TRUSTED
@@ -246,13 +261,25 @@ class Session:
             return Standing.AUTHENTICATED
         if not client.key:
             return Standing.STRANGER
+        window = policy.window
+        # stamp + window < now, for a whole-second stamp: stamp < since
+        since = 0 if window is None else math.ceil(self.clock() - window * 60)
         try:
-            stamp = self.sources.relayers_stamp(client.key)
+            stamp = self._relayers_stamp(client.key, since, relaying)
         except StoreUnavailable as exc:
             self._cause = str(exc)
             return Standing.UNAVAILABLE
-        if stamp is None:
-            return Standing.STRANGER
-        if policy.window is not None and stamp + policy.window * 60 < self.clock():
+        if stamp is None or (window is not None and stamp < since):
             return Standing.STRANGER
         return Standing.LISTED
+
+    def _relayers_stamp(self, key: str, since: int, relaying: bool) -> Optional[int]:
+        """relayers.db's value for *key*; for a relay attempt, with its limits counted in the same call
+        when the store can (policy.limits: Guard.at_listed_rcpt), the answer kept for _limits()."""
+        guard = self.guard
+        if relaying and guard is not None and guard.folds_relay_lookup:
+            found = guard.at_listed_rcpt(self.txn, key, since, self.clock(), "limits" in self.modes.warn)
+            if found is not None:
+                stamp, self._counted = found
+                return stamp
+        return self.sources.relayers_stamp(key)

@@ -21,7 +21,13 @@ DESCRIPTION
 
     GuardStore is the interface both offer. gate() is the milter's one call
     per relayed recipient: work out the identity (when asked), answer its
-    suspension, and count - as one operation, one round trip on Redis.
+    suspension, and count - as one operation, one round trip on Redis. A
+    store whose ``folds_relay_lookup`` is true (Redis) also takes the
+    relayers lookup of a transaction's first relayed recipient into that
+    same operation (Ask.listed_since): it counts only if the map lists the
+    address, so a listed client's first recipient costs one round trip,
+    not two. On one host a lookup is no round trip, and the file store
+    does not fold.
 
 DIAGNOSTICS
     StoreUnavailable when a file or the server cannot be used; the caller
@@ -63,7 +69,11 @@ class Ask(NamedTuple):
     limits: family -> limit (absent: none). With *see*, the address is
     recorded among a user identity's addresses of the hour. With *held*
     false the suspension is not looked up (the transaction's first
-    recipient did that already).
+    recipient did that already). With *listed_since* (stores that fold the
+    relayers lookup only), *address* must be canonical (a relayers key)
+    and nothing is judged or counted unless the relayers map lists it with
+    a login time at or after listed_since (0: any); Outcome.stamp carries
+    what the map holds.
     """
 
     address: str
@@ -74,17 +84,20 @@ class Ask(NamedTuple):
     see: bool = False
     force: bool = False
     held: bool = True
+    listed_since: Optional[int] = None
 
 
 class Outcome(NamedTuple):
     identity: str
     user: bool                          # identity is a user (AUTH or POP), not an address
     suspended: Optional[Suspension]
-    charge: Optional[Charge]            # None when suspended: nothing counted
+    charge: Optional[Charge]            # None when suspended or not listed: nothing counted
+    stamp: Optional[int] = None         # with Ask.listed_since: the relayers map's value (None: absent)
 
 
 class GuardStore(Protocol):
     location: str
+    folds_relay_lookup: bool            # gate() takes Ask.listed_since
 
     def gate(self, ask: Ask) -> Outcome:
         """Identity, suspension and counting for one recipient, as one operation."""
@@ -166,6 +179,8 @@ class HostGuardStore:
         self._suspended = MapReader(self.suspended_path, "suspended map")
         self.counters = CounterFile(self.counters_path, create=create)
         self._absent_until = 0.0        # the suspended map is known missing until then (monotonic)
+
+    folds_relay_lookup = False          # a relayers.db lookup is no round trip: nothing to fold
 
     # -- the milter's call ------------------------------------------------------------
 

@@ -18,8 +18,10 @@ DESCRIPTION
                               messages), expiring an hour after its last use
         G a:USER              sorted set address -> epoch minute last seen
 
-    gate() is one Lua script (GATE): identity, suspension, the hour's counts
-    and the increments in one atomic step and one round trip, sent on
+    gate() is one Lua script (GATE): at a listed client's first relayed
+    recipient the relayers lookup too (store.guard: folds_relay_lookup),
+    then identity, suspension, the hour's counts and the increments, in one
+    atomic step and one round trip, sent on
     connections of the store's own like the relayers lookups (see
     store.redis._LookupConnections); a server that has lost the script
     (restart, SCRIPT FLUSH) gets it again. The hour is a sliding window in
@@ -48,9 +50,12 @@ HOUR_TTL = 3600 + 60
 
 # ARGV[1] the guard prefix, ARGV[2] the request as NUL-separated fields (one argument: packing
 # and parsing a dozen arguments would cost the milter more than the call itself): identity or "",
-# address, now, see, force, the addresses limit (-1: none), held, then family, n, limit triplets.
-# The answer is one string, NUL-separated: identity, user, suspension or "", family over or "",
-# then family, count pairs.
+# address, now, see, force, the addresses limit (-1: none), held, the relayers key or "" (Ask.
+# listed_since: judge and count only if the map lists the address), its earliest login time, then
+# family, n, limit triplets. The answer is one string, NUL-separated: identity, user, suspension
+# or "", family over or "", the relayers value's leading digits (as store.relayers.parse_ticks
+# reads it) or "", then family, count pairs; an identity of "" means not listed (or listed too
+# long ago): nothing judged, nothing counted.
 GATE = """
 local G = ARGV[1]
 local f = {}
@@ -64,6 +69,13 @@ end
 local ident, addr = f[1], f[2]
 local now = tonumber(f[3])
 local minute = math.floor(now / 60)
+local stamp = ''
+if f[8] ~= '' then
+  local v = redis.call('GET', f[8])
+  if not v then return '\0\0\0' end
+  stamp = string.match(v, '^%s*(%d*)')
+  if (tonumber(stamp) or 0) < tonumber(f[9]) then return '\0\0\0\0' .. stamp end
+end
 local user = '1'
 if ident == '' then
   local u = redis.call('GET', G .. 'u:' .. addr)
@@ -75,16 +87,19 @@ if f[7] == '1' then
   local s = redis.call('GET', G .. 's:' .. ident)
   if s then
     local untl = tonumber(string.match(s, '^(%d+)'))
-    if untl and untl > now then return table.concat({ident, user, s, ''}, '\0') end
+    if untl and untl > now then return table.concat({ident, user, s, '', stamp}, '\0') end
   end
 end
 local over = ''
-local out = {ident, user, '', ''}
+local out = {ident, user, '', '', stamp}
 if f[4] == '1' and user == '1' then
   local k = G .. 'a:' .. ident
-  redis.call('ZADD', k, minute, addr)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', minute - 60)
-  redis.call('EXPIRE', k, 3660)
+  -- Trimmed and its expiry renewed when an address is new or seen in a later minute: a set left
+  -- alone this minute was trimmed as of this minute already (by the address that set it).
+  if redis.call('ZADD', k, 'CH', minute, addr) > 0 then
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', minute - 60)
+    redis.call('EXPIRE', k, 3660)
+  end
   local n = redis.call('ZCARD', k)
   out[#out + 1] = 'addresses'
   out[#out + 1] = tostring(n)
@@ -92,7 +107,7 @@ if f[4] == '1' and user == '1' then
   if lim >= 0 and n > lim then over = 'addresses' end
 end
 local todo = {}
-for i = 8, #f - 2, 3 do
+for i = 10, #f - 2, 3 do
   local fam, n, lim = f[i], tonumber(f[i + 1]), tonumber(f[i + 2])
   local k = G .. 'c:' .. fam .. ':' .. ident
   local vals = redis.call('HGETALL', k)
@@ -110,8 +125,8 @@ end
 for _, t in ipairs(todo) do
   local total = t[4]
   if (over == '' or f[5] == '1') and t[3] > 0 then
-    redis.call('HINCRBY', t[1], minute, t[3])
-    redis.call('EXPIRE', t[1], 3660)
+    -- The expiry is set when a minute's field is made: an hour from it outlasts the minute's uses.
+    if redis.call('HINCRBY', t[1], minute, t[3]) == t[3] then redis.call('EXPIRE', t[1], 3660) end
     total = total + t[3]
   end
   out[#out + 1] = t[2]
@@ -145,12 +160,22 @@ class RedisGuardStore:
         self._pool = self.relay.client.connection_pool
         self._idle: list = []
         self._pid = os.getpid()
+        self._relay_prefix = self.relay.prefix.encode("utf-8")
+        # gate()'s EVALSHA packed once in RESP but for its last argument (redis-py would encode and
+        # pack all five at every call, a good part of the milter's cost of counting).
+        self._gate_head = b"*5\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n$%d\r\n%s\r\n" % (
+            GATE_SHA.encode("ascii"), len(self._g), self._g)
+
+    folds_relay_lookup = True
 
     def _fail(self, what: str, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable("%s: cannot %s: %s" % (self.relay.display, what, exc))
 
-    def _call(self, *args: Any) -> Any:
-        """One command on a connection of our own (the hot path: no pool lock, no retry wrappers)."""
+    def _call(self, *args: Any, packed: Optional[bytes] = None) -> Any:
+        """One command on a connection of our own (the hot path: no pool lock, no retry wrappers).
+
+        *packed*: the command already in RESP form (then *args* is not used).
+        """
         if self._pid != os.getpid():
             self._idle, self._pid = [], os.getpid()
         try:
@@ -163,7 +188,10 @@ class RedisGuardStore:
             elif conn.can_read():           # the server closed it (restart, failover)
                 conn.disconnect()
                 conn.connect()
-            conn.send_command(*args)
+            if packed is None:
+                conn.send_command(*args)
+            else:
+                conn.send_packed_command([packed], check_health=False)
             return conn.read_response()
         except BaseException:
             conn.disconnect()
@@ -175,24 +203,29 @@ class RedisGuardStore:
 
     def gate(self, ask: Ask) -> Outcome:
         limits = ask.limits
+        since = ask.listed_since
         fields = [ask.identity or "", ask.address, "%d" % ask.now, "1" if ask.see else "0", "1" if ask.force else "0",
-                  "%d" % limits.get("addresses", -1), "1" if ask.held else "0"]
+                  "%d" % limits.get("addresses", -1), "1" if ask.held else "0",
+                  "" if since is None else self.relay.prefix + ask.address, "%d" % (since or 0)]
         for family, n in ask.add.items():
             fields += [family, "%d" % n, "%d" % limits.get(family, -1)]
         request = "\0".join(fields).encode("utf-8", "surrogateescape")
         try:
             try:
-                reply = self._call("EVALSHA", GATE_SHA, 0, self._g, request)
+                reply = self._call(packed=b"%s$%d\r\n%s\r\n" % (self._gate_head, len(request), request))
             except rexc.NoScriptError:
                 reply = self._call("EVAL", GATE, 0, self._g, request)
         except (rexc.RedisError, OSError) as exc:
             raise self._fail("count", exc) from None
         parts = reply.split(b"\0")
+        stamp = None if since is None or len(parts) < 5 else int(parts[4] or 0)
+        if not parts[0]:                # not listed (or too long ago): nothing judged or counted
+            return Outcome(ask.address, False, None, None, stamp)
         identity, user, held, over = _s(parts[0]), parts[1] == b"1", parts[2], parts[3]
         if held:
-            return Outcome(identity, user, parse_suspension(identity, held), None)
-        counts = {_s(parts[i]): int(parts[i + 1]) for i in range(4, len(parts) - 1, 2)}
-        return Outcome(identity, user, None, Charge(_s(over) or None, counts))
+            return Outcome(identity, user, parse_suspension(identity, held), None, stamp)
+        counts = {_s(parts[i]): int(parts[i + 1]) for i in range(5, len(parts) - 1, 2)}
+        return Outcome(identity, user, None, Charge(_s(over) or None, counts), stamp)
 
     # -- users ---------------------------------------------------------------------------------
 

@@ -1,0 +1,185 @@
+"""Relaying limits on Redis through the milter's registered callbacks: the relayers lookup folded into the count.
+
+A listed client's first relayed recipient asks Redis once: one script looks
+the address up in the relayers map and, only if it is listed (recently
+enough, with relayers.window), names the identity, answers its suspension
+and counts. Real redis-server on loopback, real Runtime; the libmilter
+context is the one stand-in (tests/unit/milterpath.Context). The calls each
+store makes are counted by wrapping the real methods (they still run).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import Milter
+import pytest
+
+from relaymilter import adapter
+from relaymilter.config import load_config
+from relaymilter.decisionlog import DecisionLog
+from relaymilter.store.guard import open_guard_store
+from relaymilter.store.guardredis import GATE
+from relaymilter.store.relayers import open_relay_store
+
+from redisproc import RedisServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+from milterpath import Conn  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+POP = "192.0.2.10"          # listed, logged in as alice
+OLD = "192.0.2.12"          # listed 20 minutes ago, logged in as olga
+STRANGER = "203.0.113.9"
+LIMIT = ("451", "4.7.1", "Relaying limit exceeded, try again later")
+SUSPENDED = ("451", "4.7.1", "Relaying suspended, try again later")
+
+
+class Rig:
+    def __init__(self, tmp: Path, server: RedisServer) -> None:
+        self.tmp = tmp
+        self.server = server
+        self.url = server.url()
+        self.lines: list[str] = []
+        self.decisions = DecisionLog(self.lines.extend, interval=3600)
+        self.holder: Any = None
+        self.calls = {"relayers": 0, "guard": 0}
+
+    def configure(self, extra: str) -> Any:
+        cfg = self.tmp / "relaymilter.yaml"
+        cfg.write_text("add_host_names: false\nlocal_domains: [local.test]\ntrusted_networks: [127.0.0.1/32]\n"
+                       "relayers: {url: '%s', window: 10}\nspammers: {path: %s}\n%s"
+                       % (self.url, self.tmp / "spammers.db", extra))
+        self.holder = adapter.RuntimeHolder(adapter.Runtime(load_config(str(cfg))), self.decisions)
+        rt = self.holder.current
+        rt.guard.store.relay.client.script_load(GATE)      # as after a first call (EVALSHA, then EVAL)
+        self._count(rt.relayers._lookups, "get", "relayers")
+        self._count(rt.guard.store, "_call", "guard")
+        return rt
+
+    def _count(self, obj: Any, name: str, key: str) -> None:
+        real = getattr(obj, name)
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            self.calls[key] += 1
+            return real(*args, **kw)
+
+        setattr(obj, name, counted)
+
+    def asked(self) -> dict[str, int]:
+        found, self.calls = self.calls, {"relayers": 0, "guard": 0}
+        return found
+
+    def log(self) -> list[str]:
+        self.decisions.flush()
+        return self.lines
+
+    def usage(self) -> dict[tuple[str, str], int]:
+        guard = open_guard_store(self.url)
+        try:
+            return {(u.identity, u.family): u.count for u in guard.usage(time.time())}
+        finally:
+            guard.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    server = RedisServer(tmp_path / "redis").start()
+    now = int(time.time())
+    store = open_relay_store(server.url())
+    guard = open_guard_store(server.url())
+    try:
+        store.add({POP: now, OLD: now - 20 * 60})
+        guard.record_users({POP: "alice", OLD: "olga"}, 3600)
+        r = Rig(tmp_path, server)
+        yield r
+        r.decisions.close()
+    finally:
+        guard.close()
+        store.close()
+        server.stop()
+
+
+def relay(conn: Conn, n: int, start: int = 0) -> list[int]:
+    return [conn.rcpt("<friend%d@remote.example>" % i) for i in range(start, start + n)]
+
+
+def test_first_relayed_recipient_is_one_call_counting_only_listed_clients(rig: Rig) -> None:
+    rig.configure("limits: {recipients_per_hour: 100, messages_per_hour: 100, addresses_per_hour: 5}\n")
+    conn = Conn(rig.holder, POP)
+    conn.mail("<a@example.net>")
+    assert conn.rcpt("<u1@local.test>") == Milter.CONTINUE          # local: no lookup at all
+    assert rig.asked() == {"relayers": 0, "guard": 0}
+    assert relay(conn, 3) == [Milter.CONTINUE] * 3
+    # One call per relayed recipient, the first one answering the relayers lookup too.
+    assert rig.asked() == {"relayers": 0, "guard": 3}
+    assert "user=alice rule=relayers_db" in rig.log()[-1]
+    # A stranger, and a client listed longer ago than the window: one call, refused, nothing counted.
+    for ip in (STRANGER, OLD):
+        other = Conn(rig.holder, ip)
+        other.mail("<a@example.net>")
+        assert relay(other, 2) == [Milter.REJECT] * 2
+        assert rig.asked() == {"relayers": 0, "guard": 1}
+        assert "rule=default_reject" in rig.log()[-1] and "user=" not in rig.log()[-1]
+    assert rig.usage() == {("alice", "recipients"): 3, ("alice", "messages"): 1, ("alice", "addresses"): 1}
+    # Every counter key expires an hour (and a minute) after its minute's first use.
+    client = rig.holder.current.guard.store.relay.client
+    keys = [k for k in client.scan_iter(match="relaymilter:relay-guard:*") if b":u:" not in k]
+    assert len(keys) == 3 and all(3600 < client.ttl(k) <= 3660 for k in keys), keys
+
+
+def test_limit_and_suspension_answered_by_the_folded_call(rig: Rig) -> None:
+    rig.configure("limits: {recipients_per_hour: 2, suspend_minutes: 30}\n")
+    conn = Conn(rig.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 2) == [Milter.CONTINUE] * 2
+    conn.mail("<a@example.net>")                    # a new transaction: its first recipient is the folded call
+    assert conn.rcpt("<x@remote.example>") == Milter.TEMPFAIL and conn.replies[-1] == LIMIT
+    assert "user=alice count=2 rule=recipients_per_hour" in rig.log()[-1]
+    # Suspended: alice's address left the map; put back by hand, the folded call answers the suspension.
+    assert open_relay_store(rig.url).lookup(POP) is None
+    open_relay_store(rig.url).add({POP: int(time.time())})
+    rig.asked()
+    again = Conn(rig.holder, POP)
+    again.mail("<a@example.net>")
+    assert again.rcpt("<y@remote.example>") == Milter.TEMPFAIL and again.replies[-1] == SUSPENDED
+    assert rig.asked() == {"relayers": 0, "guard": 1}
+    assert rig.usage() == {("alice", "recipients"): 2, ("alice", "messages"): 1}
+
+
+def test_warn_mode_counts_through_the_folded_call(rig: Rig) -> None:
+    rig.configure("limits: {recipients_per_hour: 1}\nmodes: {limits: warn}\n")
+    conn = Conn(rig.holder, POP)
+    for _ in range(2):
+        conn.mail("<a@example.net>")
+        assert relay(conn, 1) == [Milter.CONTINUE]
+    assert "would reject: RCPT" in rig.log()[-1] and "rule=recipients_per_hour" in rig.log()[-1]
+    assert rig.usage()[("alice", "recipients")] == 2
+
+
+def test_counters_refused_or_down_relay_permission_still_decided_and_counted_once(rig: Rig) -> None:
+    rt = rig.configure("limits: {recipients_per_hour: 100}\n")
+    # Scripts refused (an ACL), plain reads allowed: the folded call fails, the plain lookup
+    # decides; the recipient relays without the limits, one decision counted as such.
+    admin = rt.guard.store.relay.client
+    admin.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+    conn = Conn(rig.holder, POP)
+    conn.mail("<a@example.net>")
+    assert conn.rcpt("<x@remote.example>") == Milter.CONTINUE
+    assert "limits=unavailable rule=relayers_db" in rig.log()[-1]
+    assert rig.asked() == {"relayers": 1, "guard": 1}
+    assert rt.guard.stats["unavailable"] == 1
+    admin.execute_command("ACL", "SETUSER", "default", "+@all")
+    # Redis gone: relay permission fails closed (451 4.3.0), however the counters fare.
+    time.sleep(1.1)                     # the counters are left alone a second after a failure
+    rig.server.stop()
+    again = Conn(rig.holder, POP)
+    again.mail("<a@example.net>")
+    assert again.rcpt("<x@remote.example>") == Milter.TEMPFAIL
+    assert again.replies[-1][:2] == ("451", "4.3.0")
+    assert "rule=relayers_unavailable" in rig.log()[-1]
+    assert rig.asked()["guard"] == 1
