@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import poplib
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,3 +281,21 @@ def test_senders_follow_the_configuration_and_journalctl_is_restarted(dovecot_sy
         assert pw.count("journalctl pid ") == 2 and pw.count("203.0.113.81") == 1, pw.output()
     finally:
         assert pw.stop() == 0, pw.output()
+
+
+def test_a_journal_it_may_not_read_is_one_line_at_start(journald: Journald, tmp_path: Path) -> None:
+    """The real journalctl, run as nobody (through setpriv), is refused the journal: exit 1, one line."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "journalctl"
+    wrapper.write_text("#!/bin/sh\nexec setpriv --reuid=65534 --regid=65534 --clear-groups -- %s \"$@\"\n"
+                       % shutil.which("journalctl"))
+    wrapper.chmod(0o755)
+    cfg, db, _ = config(tmp_path)
+    env = dict(os.environ, PATH="%s:%s" % (bindir, os.environ["PATH"]))
+    out = subprocess.run(["relaymilter-popwatch", "-c", str(cfg)], capture_output=True, text=True, timeout=60, env=env,
+                         cwd="/")
+    assert out.returncode == 1, out
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("relaymilter-popwatch: error: ") and "cannot read the system journal" in last, out.stderr
+    assert "insufficient permissions" in last and "Traceback" not in out.stderr

@@ -39,7 +39,9 @@ DESCRIPTION
 
 DIAGNOSTICS
     JournalError when journalctl cannot be started at all (not installed:
-    Debian package systemd); the CLI prints it in one line, exit 1.
+    Debian package systemd) or cannot read the system journal (a user not
+    in the group adm or systemd-journal: a quick ``journalctl --lines=0``
+    at start says so); the CLI prints it in one line, exit 1.
     journalctl's own messages (e.g. "not seeing messages from other users",
     a missing group) are logged as warnings. Counters in stats: entries,
     accepted, refused_logins (counted by the watcher), bad_entries,
@@ -74,6 +76,7 @@ CURSOR_EVERY = 1.0
 RESTART_DELAY = 5.0
 SAFETY_POLL = 1.0
 STOP_WAIT = 5.0
+PROBE_WAIT = 30.0
 # What journalctl prints per entry (plus __CURSOR and __REALTIME_TIMESTAMP, always there).
 OUTPUT_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "SYSLOG_PID", "_PID", "_UID", "_GID", "_COMM", "_EXE",
                  "_SYSTEMD_UNIT", "_TRANSPORT", "_HOSTNAME")
@@ -178,6 +181,7 @@ class JournalFollower:
         missing = journalctl_missing(self.journalctl)
         if missing:
             raise JournalError(missing)
+        self._probe()
         self._started = time.time()
         self._oldest = oldest
         saved = read_cursor(self.cursor_file) if self.cursor_file else None
@@ -188,6 +192,19 @@ class JournalFollower:
             saved = None
         self.cursor = saved
         self._spawn(oldest if readback else self._started)
+
+    def _probe(self) -> None:
+        """JournalError when journalctl cannot read the system journal (a missing group): said at start, once."""
+        try:
+            probe = subprocess.run([self.journalctl, "--output=json", "--no-pager", "--lines=0"], capture_output=True,
+                                   stdin=subprocess.DEVNULL, timeout=PROBE_WAIT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise JournalError("cannot run %s: %s" % (self.journalctl, exc)) from None
+        said = probe.stderr.decode("utf-8", "replace").strip()
+        if probe.returncode != 0 or "not seeing messages from other users" in said:
+            raise JournalError("%s cannot read the system journal: %s (run relaymilter-popwatch as root or in the "
+                               "group adm or systemd-journal)" % (self.journalctl, printable(said.splitlines()[0] if said
+                                                                                            else "exit status %d" % probe.returncode, 200)))
 
     def _spawn(self, since: float) -> None:
         args = [self.journalctl, "--output=json", "--follow", "--no-tail", "--no-pager",
