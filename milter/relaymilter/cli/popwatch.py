@@ -37,7 +37,8 @@ DESCRIPTION
 DIAGNOSTICS
     A bad configuration or pattern file: one ``relaymilter-popwatch: error:
     FILE:LINE: ...`` line, exit 2; bad usage exit 2. A store that cannot be
-    opened, or journalctl missing for the journal source: exit 1.
+    opened, or the journal source without journalctl or without read access
+    to the journal: exit 1.
 """
 
 from __future__ import annotations
