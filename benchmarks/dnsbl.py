@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from dnsserver import DnsServer, standard_zones  # noqa: E402  (a test helper, found through sys.path)
-from milter_load import Figures, check_with_harness, percentile, run_round  # noqa: E402
-from milter_loadgen import CONTINUE, LOCAL, Kind, build_script  # noqa: E402
-from milterproc import MilterProcess  # noqa: E402
+from _common import Figures, check_with_harness, finish, interleaved, median_round, percentile, run_round
+from dnsserver import DnsServer, standard_zones  # test helpers (tests/, tests/integration/), on sys.path
+from milter_loadgen import CONTINUE, LOCAL, Kind, build_script  # through _common
+from milterproc import MilterProcess
 
 SITES = ["bl.test", "second.test"]
 
@@ -122,13 +119,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cached = {name: Figures() for name in milters}
         per_round: Dict[str, List[float]] = {name: [] for name in milters}
         order = list(milters)
-        for r in range(opts.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                one = Figures()
-                m = milters[name]
-                run_round(str(m.sock_path), m.pid, scripts[name], opts, opts.seconds / opts.rounds, one, errors)
-                cached[name].add(one)
-                per_round[name].append(one.sessions / one.seconds)
+        for _, name in interleaved(order, opts.rounds):
+            one = Figures()
+            m = milters[name]
+            run_round(str(m.sock_path), m.pid, scripts[name], opts, opts.seconds / opts.rounds, one, errors)
+            cached[name].add(one)
+            per_round[name].append(one.sessions / one.seconds)
         queries_cached = len(dns.queries()) - asked_before
         print("\n1. cached: 2,000 strangers, 3 local RCPTs a session, every client looked up before the rounds")
         print(HEAD)
@@ -139,28 +135,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ratios = sorted(x / y for x, y in zip(per_round["dnsbl"], per_round["no-dnsbl"]))
         print("dnsbl/no-dnsbl sessions/s: %.2f (target >= 0.90: %s); per round: %s (median %.2f); DNS queries "
               "during the rounds: %d" % (ratio, "met" if ratio >= 0.9 else "MISSED",
-                                         " ".join("%.2f" % x for x in ratios), ratios[len(ratios) // 2],
+                                         " ".join("%.2f" % x for x in ratios), median_round(ratios),
                                          queries_cached))
 
         # 2. uncached
         uncached = {name: Figures() for name in milters}
         offset = 0
         fresh_queries = 0
-        for r in range(opts.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                batch = fresh_kinds(offset, opts.fresh)
-                offset += opts.fresh
-                m = milters[name]
-                before = len(dns.queries())
-                one = Figures()
-                run_round(str(m.sock_path), m.pid, [build_script(k, neg[name], i) for i, k in enumerate(batch)],
-                          opts, opts.seconds / opts.rounds, one, errors)
-                if one.sessions >= opts.fresh:
-                    print("note: an uncached round ran %d sessions, more than its %d new clients: raise --fresh"
-                          % (one.sessions, opts.fresh))
-                if name == "dnsbl":
-                    fresh_queries += len(dns.queries()) - before
-                uncached[name].add(one)
+        for _, name in interleaved(order, opts.rounds):
+            batch = fresh_kinds(offset, opts.fresh)
+            offset += opts.fresh
+            m = milters[name]
+            before = len(dns.queries())
+            one = Figures()
+            run_round(str(m.sock_path), m.pid, [build_script(k, neg[name], i) for i, k in enumerate(batch)],
+                      opts, opts.seconds / opts.rounds, one, errors)
+            if one.sessions >= opts.fresh:
+                print("note: an uncached round ran %d sessions, more than its %d new clients: raise --fresh"
+                      % (one.sessions, opts.fresh))
+            if name == "dnsbl":
+                fresh_queries += len(dns.queries()) - before
+            uncached[name].add(one)
         print("\n2. uncached: every session a new stranger, 1 local RCPT, %d lists asked at once" % len(SITES))
         print(HEAD)
         for name, f in uncached.items():
@@ -174,13 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for m in milters.values():
             m.stop()
         dns.stop()
-    failed = sum(f.errors for f in cached.values()) + sum(f.errors for f in uncached.values())
-    if failed:
-        sys.stderr.write("dnsbl: error: %d wrong or missing answers (logs kept in %s); first ones:\n" % (failed, work))
-        sys.stderr.writelines("  %s\n" % e for e in errors)
-        return 1
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return finish(sum(f.errors for f in cached.values()) + sum(f.errors for f in uncached.values()), errors, work)
 
 
 if __name__ == "__main__":

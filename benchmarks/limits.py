@@ -16,11 +16,11 @@ so both variants must give the same answers and the difference is the cost of
 naming the identity, checking its suspension and counting: one counter-file
 update per relayed recipient (Berkeley DB) or one Lua call (Redis). The "off"
 variants still name every relaying session (user=, one users-map lookup per
-transaction), as the milter always does. The load is benchmarks/milter_load.py's
-generator, imported: --clients distinct clients cycling (more than any cache
-holds), half of them listed (their two remote recipients relay: both counted),
-half not (their remote recipients get 550 5.7.1); every answer is checked byte
-for byte. Rounds alternate on/off within each store (A B, B A, ...) so that other
+transaction), as the milter always does. The load is the generator of
+benchmarks/milter_loadgen.py, run by benchmarks/_common.py: --clients distinct
+clients cycling (more than any cache holds), half of them listed (their two
+remote recipients relay: both counted), half not (their remote recipients get
+550 5.7.1); every answer is checked byte for byte. Rounds alternate on/off within each store (A B, B A, ...) so that other
 load on the machine hits both alike; the per-round ratios are printed. Target:
 limits on >= 0.9x limits off, for each store. Exit 1 if any answer was wrong or
 missing; a missed target is reported, exit 0.
@@ -30,22 +30,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-import milter_load as load  # noqa: E402  (the shared load generator, benchmarks/milter_load.py)
-from milterproc import MilterProcess  # noqa: E402
-from redisproc import RedisServer  # noqa: E402
+import _common as load  # the shared measuring side (benchmarks/_common.py)
+from milter_loadgen import build_script, db_address, session_kinds
+from milterproc import MilterProcess  # test helpers (tests/integration/), on sys.path through _common
+from redisproc import RedisServer
 
-from relaymilter.store.guard import open_guard_store  # noqa: E402
-from relaymilter.store.relayers import open_relay_store  # noqa: E402
+from relaymilter.store.guard import open_guard_store
+from relaymilter.store.relayers import open_relay_store
 
 TARGET = 0.9
 LIMITS = {"recipients_per_hour": 1_000_000, "messages_per_hour": 1_000_000, "addresses_per_hour": 29}
@@ -64,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fill(location: str, entries: int) -> None:
     now = int(time.time())
-    data = {load.db_address(i): now for i in range(entries)}
+    data = {db_address(i): now for i in range(entries)}
     store = open_relay_store(location)
     guard = open_guard_store(location)
     try:
@@ -94,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fill(server.url(), opts.entries)
         print("map of %d entries with their users: file and Redis filled in %.1f s"
               % (opts.entries, time.perf_counter() - t0))
-        kinds = load.session_kinds(opts.clients, opts.entries, minimal=False)
+        kinds = session_kinds(opts.clients, opts.entries, minimal=False)
         milters = {}
         for store, relayers in (("bdb", {"path": str(work / "relayers.db")}), ("redis", {"url": server.url()})):
             for variant, extra in (("off", {}), ("on", {"limits": LIMITS})):
@@ -103,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 running.append(mp)
                 spec = mp.start().socket
                 neg = load.check_with_harness(spec, kinds[:2])
-                milters[name] = (spec[len("unix:"):], mp.pid, [load.build_script(k, neg, i)
+                milters[name] = (spec[len("unix:"):], mp.pid, [build_script(k, neg, i)
                                                                for i, k in enumerate(kinds)])
         figures = {name: load.Figures() for name in milters}
         per_round = {name: [] for name in milters}
@@ -138,15 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rounds = [a / b for a, b in zip(per_round["%s-on" % store], per_round["%s-off" % store])]
         print("%s: limits on / off sessions/s %.2f (target >= %.2f: %s); per round %s, median %.2f" % (
             store, ratio, TARGET, "met" if ratio >= TARGET else "MISSED", " ".join("%.2f" % x for x in rounds),
-            sorted(rounds)[len(rounds) // 2]))
+            load.median_round(rounds)))
     print("load average after: %.2f" % os.getloadavg()[0])
-    failed = sum(f.errors for f in figures.values())
-    if failed:
-        sys.stderr.write("limits: error: %d wrong or missing answers (logs kept in %s); first ones:\n" % (failed, work))
-        sys.stderr.writelines("  %s\n" % e for e in errors)
-        return 1
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return load.finish(sum(f.errors for f in figures.values()), errors, work)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ seconds over the window and, in brackets, average cores busy: the milter's proce
 (/proc/stat), i.e. other people's work; "per session" is milter CPU / sessions, the
 figure least disturbed by others. A note is printed when the generator was near its
 limit or the whole machine was CPU-bound; then the rate is the machine's, and the ratio
-compares the milters under equal starvation. Targets (from the issue) at 8 concurrent
+compares the milters under equal starvation. Targets at 8 concurrent
 sessions: relaymilter >= 0.9x the minimal milter's sessions/s, p99 RCPT <= 1 ms. Exit 1
 if any answer was wrong or missing (the first ones are printed, the milter logs kept);
 missed targets are reported, exit 0. Steady state is what is measured: before the
@@ -50,112 +50,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
-import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from milter_loadgen import STEP_TIMEOUT, Kind, Script, build_script, db_address, generate, session_kinds
-from relaymilter.harness import MilterSession
-from relaymilter.harness.reply import OptNeg
+from _common import (Figures, Writer, check_with_harness, finish, interleaved, median_round, percentile,
+                     run_round)
+from milter_loadgen import Script, build_script, db_address, session_kinds
+from milterproc import MilterProcess  # a test helper (tests/integration), on sys.path through _common
+
 from relaymilter.store import spammers
 from relaymilter.store.relayers import BDBRelayStore
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-from milterproc import MilterProcess, children  # noqa: E402  (a test helper, found through sys.path)
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 REWARM = 1.0        # unmeasured seconds that bring each relaymilter back to steady state after a --writes round
-
-# ------------------------------------------------------------------ measuring one round
-
-
-def tree_cpu(pid: int) -> float:
-    """user+sys seconds of pid and its children (all their threads, dead or alive)."""
-    total = 0
-    for p in [pid, *children(pid)]:
-        try:
-            fields = Path("/proc/%d/stat" % p).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
-def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine so far (all cores)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
-
-
-@dataclass
-class Figures:
-    sessions: int = 0
-    rcpts: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-    milter_cpu: float = 0.0
-    gen_cpu: float = 0.0
-    other_cpu: float = 0.0
-    machine_cpu: float = 0.0
-    latencies: array = field(default_factory=lambda: array("q"))
-
-    def add(self, other: "Figures") -> None:
-        for name in ("sessions", "rcpts", "errors", "seconds", "milter_cpu", "gen_cpu", "other_cpu", "machine_cpu"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.latencies.extend(other.latencies)
-
-
-def run_round(path: str, pid: int, scripts: Sequence[Script], opts: argparse.Namespace, seconds: float,
-              figures: Figures, errors: List[str]) -> None:
-    ctx = multiprocessing.get_context("fork")
-    start_at = time.monotonic() + 0.3        # room for the forks before the window opens
-    end_at = start_at + seconds
-    shares = [opts.concurrency // opts.procs + (i < opts.concurrency % opts.procs) for i in range(opts.procs)]
-    workers, pipes = [], []
-    for i, share in enumerate(s for s in shares if s):
-        recv_end, send_end = ctx.Pipe(duplex=False)
-        chunk = list(scripts[i::opts.procs]) or list(scripts)
-        w = ctx.Process(target=generate, args=(path, chunk, share, start_at, end_at, send_end), daemon=True)
-        w.start()
-        send_end.close()
-        workers.append(w)
-        pipes.append(recv_end)
-    time.sleep(max(0.0, start_at - time.monotonic()))
-    m0, b0 = tree_cpu(pid), machine_busy()
-    results = []
-    for w, pipe in zip(workers, pipes):
-        if not pipe.poll(seconds + 4 * STEP_TIMEOUT + 10):
-            raise SystemExit("milter_load: error: a generator process did not report in time")
-        try:
-            results.append(pipe.recv())
-        except EOFError:
-            raise SystemExit("milter_load: error: a generator process died (exit %s)" % w.exitcode) from None
-        w.join(10)
-    m1, b1 = tree_cpu(pid), machine_busy()
-    for r in results:
-        figures.sessions += r["sessions"]
-        figures.rcpts += r["rcpts"]
-        figures.errors += r["errors"]
-        figures.gen_cpu += r["cpu"]
-        figures.latencies.frombytes(r["latencies"])
-        errors.extend(r["errors_shown"])
-    gen = sum(r["cpu"] for r in results)
-    figures.seconds += max(r["ended"] for r in results) - start_at
-    figures.milter_cpu += m1 - m0
-    figures.other_cpu += max(0.0, (b1 - b0) - (m1 - m0) - gen)
-    figures.machine_cpu += b1 - b0
-
 
 # ------------------------------------------------------------------ setting up the milters
 
@@ -170,33 +83,6 @@ def wait_listening(sock_path: Path, proc: subprocess.Popen, timeout: float = 15.
             return
         time.sleep(0.01)
     raise SystemExit("milter_load: error: minimal milter did not listen within %gs" % timeout)
-
-
-def check_with_harness(spec: str, kinds: Sequence[Kind]) -> OptNeg:
-    """Run one session per kind through MilterSession; return the negotiated options."""
-    neg = None
-    for kind in kinds:
-        with MilterSession(spec, timeout=STEP_TIMEOUT) as s:
-            neg = s.negotiated
-            s.connect(client_ip=kind.client)
-            s.helo("probe.client.example")
-            s.mail("<probe@client.example>")
-            for rcpt, want in kind.rcpts:
-                got = str(s.rcpt(rcpt))
-                if got != want:
-                    raise SystemExit("milter_load: error: %s: RCPT %s from %s: expected %s, got %s"
-                                     % (spec, rcpt, kind.client, want, got))
-            s.abort()
-    assert neg is not None
-    return neg
-
-
-def percentile(sorted_ns: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile, in milliseconds."""
-    if not sorted_ns:
-        return float("nan")
-    rank = max(0, min(len(sorted_ns) - 1, math.ceil(q * len(sorted_ns)) - 1))
-    return sorted_ns[rank] / 1e6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,48 +140,6 @@ def start_milters(work: Path, opts: argparse.Namespace, running: list) -> Dict[s
         # The same relaymilter process, measured in rounds of its own while relayers.db is written.
         milters["relaymilter+writes"] = milters["relaymilter"]
     return milters
-
-
-def write_loop(path: str, rate: float, entries: int, stop: Any, count: Any) -> None:
-    """Refresh one listed address in relayers.db *rate* times a second until *stop* is set."""
-    store = BDBRelayStore(path)
-    period = 1.0 / rate
-    due = time.monotonic()
-    while not stop.wait(max(0.0, due - time.monotonic())):
-        store.add({db_address(count.value * 7919 % entries): int(time.time())})
-        count.value += 1
-        due += period
-
-
-class Writer:
-    """relayers.db written *rate* times a second by a process of its own, while in a with block.
-
-    Its own process, started by spawn: a writer thread here would hold LOCK_EX
-    on a descriptor that the generator processes, forked from this one,
-    inherit, and the lock would stay held for as long as they live.
-    """
-
-    def __init__(self, path: str, rate: float, entries: int) -> None:
-        self._ctx = multiprocessing.get_context("spawn")
-        self.path, self.rate, self.entries = path, rate, entries
-        self._count = self._ctx.Value("q", 0)
-        self._stop = self._ctx.Event()
-        self._proc: Any = None
-
-    @property
-    def writes(self) -> int:
-        return int(self._count.value)
-
-    def __enter__(self) -> "Writer":
-        self._stop.clear()
-        self._proc = self._ctx.Process(target=write_loop, daemon=True,
-                                       args=(self.path, self.rate, self.entries, self._stop, self._count))
-        self._proc.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._proc.join(10)
 
 
 def scraped_decisions(log: Path) -> int:
@@ -366,21 +210,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 path, pid, scripts = milters[name]
                 run_round(path, pid, scripts, opts, opts.warmup, cold[name], errors)
         per_round: Dict[str, List[float]] = {name: [] for name in order}
-        for r in range(opts.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                path, pid, scripts = milters[name]
-                one = Figures()
-                with writer if name.endswith("+writes") and writer else contextlib.nullcontext():
-                    run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, one, errors)
-                if name.endswith("+writes"):
-                    # Steady state again for the other rounds: the last write started the answer
-                    # cache of every relaymilter afresh. Unmeasured, like the warm-up.
-                    time.sleep(0.2)
-                    for other in order:
-                        if other != "minimal" and not other.endswith("+writes"):
-                            run_round(*milters[other], opts, REWARM, Figures(), errors)
-                figures[name].add(one)
-                per_round[name].append(one.sessions / one.seconds)
+        for _, name in interleaved(order, opts.rounds):
+            path, pid, scripts = milters[name]
+            one = Figures()
+            with writer if name.endswith("+writes") and writer else contextlib.nullcontext():
+                run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, one, errors)
+            if name.endswith("+writes"):
+                # Steady state again for the other rounds: the last write started the answer
+                # cache of every relaymilter afresh. Unmeasured, like the warm-up.
+                time.sleep(0.2)
+                for other in order:
+                    if other != "minimal" and not other.endswith("+writes"):
+                        run_round(*milters[other], opts, REWARM, Figures(), errors)
+            figures[name].add(one)
+            per_round[name].append(one.sessions / one.seconds)
         if "relaymilter-metrics" in milters:
             counted = scraped_decisions(work / "relaymilter-metrics" / "milter.log")
     finally:
@@ -393,12 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report(figures, opts.procs)
     ratios = [a / b for a, b in zip(per_round["relaymilter"], per_round["minimal"])]
     print("relaymilter/minimal per round, in order: %s; median %.2f"
-          % (" ".join("%.2f" % x for x in ratios), sorted(ratios)[len(ratios) // 2]))
+          % (" ".join("%.2f" % x for x in ratios), median_round(ratios)))
     if "relaymilter-metrics" in figures:
         on, off = figures["relaymilter-metrics"], figures["relaymilter"]
         ratios = [a / b for a, b in zip(per_round["relaymilter-metrics"], per_round["relaymilter"])]
         print("metrics on/off sessions/s per round: %s; median %.2f; milter CPU per session %.0f us on, %.0f us off"
-              % (" ".join("%.2f" % x for x in ratios), sorted(ratios)[len(ratios) // 2],
+              % (" ".join("%.2f" % x for x in ratios), median_round(ratios),
                  on.milter_cpu / max(1, on.sessions) * 1e6, off.milter_cpu / max(1, off.sessions) * 1e6))
         print("relaymilter-metrics: its endpoint counted %d decisions (at least %d were made in the measured rounds)"
               % (counted, 4 * on.sessions))
@@ -413,14 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for name, f in cold.items() if f.seconds)))
     for name in [n for n in order[1:] if not n.endswith("+writes")]:
         print("%s decision log: %d bytes" % (name, (work / name / "milter.log").stat().st_size))
-    failed = sum(f.errors for f in figures.values()) + sum(f.errors for f in cold.values())
-    if failed:
-        sys.stderr.write("milter_load: error: %d wrong or missing answers (logs kept in %s); first ones:\n"
-                         % (failed, work))
-        sys.stderr.writelines("  %s\n" % e for e in errors)
-        return 1
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return finish(sum(f.errors for f in figures.values()) + sum(f.errors for f in cold.values()), errors, work)
 
 
 if __name__ == "__main__":

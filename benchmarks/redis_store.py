@@ -8,12 +8,12 @@ Method: the same map (--entries addresses) is loaded into a relayers.db file and
 into a real redis-server on loopback (tests/integration/redisproc.py, no
 persistence); two relaymilter processes run, identical but for
 ``relayers: {path: ...}`` and ``relayers: {url: redis://...}``. The load is
-benchmarks/milter_load.py's generator, imported, not copied: forked processes keep
---concurrency milter sessions busy, each a full MTA session (connect, helo, mail,
-three RCPTs, abort, quit) whose every answer is checked byte for byte; half the
-clients are in the map, half are not (their remote recipients get 550 5.7.1). One
-session per kind first goes through the harness's MilterSession as an independent
-check. The milters take turns in --rounds alternating rounds (A B B A ...) so that
+the generator of benchmarks/milter_loadgen.py, run by benchmarks/_common.py:
+forked processes keep --concurrency milter sessions busy, each a full MTA
+session (connect, helo, mail, three RCPTs, abort, quit) whose every answer is
+checked byte for byte; half the clients are in the map, half are not (their
+remote recipients get 550 5.7.1). One session per kind first goes through the
+harness's MilterSession as an independent check. The milters take turns in --rounds alternating rounds (A B B A ...) so that
 other load on the machine hits both alike. Figures: sessions/s and RCPT/s over the
 measured window, p50/p99 of the time from sending RCPT to having its reply, CPU
 seconds (and average cores) of the milter's process tree, of redis-server and of
@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-import milter_load as load  # noqa: E402  (the shared load generator, benchmarks/milter_load.py)
-from milterproc import MilterProcess  # noqa: E402
-from redisproc import RedisServer  # noqa: E402
+import _common as load  # the shared measuring side (benchmarks/_common.py)
+from milter_loadgen import build_script, db_address, session_kinds
+from milterproc import MilterProcess  # test helpers (tests/integration/), on sys.path through _common
+from redisproc import RedisServer
 
-from relaymilter.store.relayers import BDBRelayStore, open_relay_store  # noqa: E402
+from relaymilter.store.relayers import BDBRelayStore, open_relay_store
 
 TARGET = 0.8
 
@@ -57,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fill_maps(work: Path, url: str, entries: int) -> None:
     now = int(time.time())
-    data = {load.db_address(i): now for i in range(entries)}
+    data = {db_address(i): now for i in range(entries)}
     t0 = time.perf_counter()
     BDBRelayStore(str(work / "relayers.db")).add(data)
     t1 = time.perf_counter()
@@ -104,37 +101,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         running.append(server)
         fill_maps(work, server.url(), opts.entries)
         milters = {}
-        kinds = load.session_kinds(2000, opts.entries, minimal=False)
+        kinds = session_kinds(2000, opts.entries, minimal=False)
         for name, relayers in (("berkeley-db", {"path": str(work / "relayers.db")}),
                                ("redis", {"url": server.url()})):
             mp = MilterProcess(work / name, {"relayers": relayers, "log_level": "info"})
             running.append(mp)
             spec = mp.start().socket
             neg = load.check_with_harness(spec, kinds[:2])
-            milters[name] = (spec[len("unix:"):], mp.pid, [load.build_script(k, neg, i) for i, k in enumerate(kinds)])
+            milters[name] = (spec[len("unix:"):], mp.pid, [build_script(k, neg, i) for i, k in enumerate(kinds)])
         figures = {name: load.Figures() for name in milters}
         order = list(milters)
         print("load: %d concurrent sessions from %d generator processes, %g s per store in %d rounds, %d CPUs"
               % (opts.concurrency, opts.procs, opts.seconds, opts.rounds, os.cpu_count() or 0))
-        for r in range(opts.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                path, pid, scripts = milters[name]
-                before = load.tree_cpu(server.pid)
-                load.run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, figures[name], errors)
-                if name == "redis":
-                    redis_cpu += load.tree_cpu(server.pid) - before
+        for _, name in load.interleaved(order, opts.rounds):
+            path, pid, scripts = milters[name]
+            before = load.tree_cpu(server.pid)
+            load.run_round(path, pid, scripts, opts, opts.seconds / opts.rounds, figures[name], errors)
+            if name == "redis":
+                redis_cpu += load.tree_cpu(server.pid) - before
     finally:
         for proc in reversed(running):
             proc.stop()
     report(figures, redis_cpu)
-    failed = sum(f.errors for f in figures.values())
-    if failed:
-        sys.stderr.write("redis_store: error: %d wrong or missing answers (logs kept in %s); first ones:\n"
-                         % (failed, work))
-        sys.stderr.writelines("  %s\n" % e for e in errors)
-        return 1
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return load.finish(sum(f.errors for f in figures.values()), errors, work)
 
 
 if __name__ == "__main__":

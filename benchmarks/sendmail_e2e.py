@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shutil
 import smtplib
 import statistics
 import sys
@@ -39,12 +38,11 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
-import mta  # noqa: E402
-from milterproc import MilterProcess  # noqa: E402
+from _common import finish, interleaved
+import mta  # test helpers (tests/integration/), on sys.path through _common
+from milterproc import MilterProcess
 
-from relaymilter.store.relayers import BDBRelayStore  # noqa: E402
+from relaymilter.store.relayers import BDBRelayStore
 
 LOCAL, REMOTE = "alice@local.test", "friend%d@remote.example"
 # sendmail refuses connections above a load average of 12 and queues above 8 by default: on a
@@ -77,19 +75,22 @@ def session(port: int, ip: str, listed: bool, n: int) -> Optional[str]:
 
 def client_loop(port: int, first: int, step: int, clients: int, start_at: float, end_at: float, out: Any) -> None:
     time.sleep(max(0.0, start_at - time.time()))
-    done, wrong, i = 0, [], first
+    done, failed, wrong, i = 0, 0, [], first
     while time.time() < end_at:
         problem = session(port, client_address(i % clients), i % clients % 2 == 0, i)
         if problem is None:
             done += 1
-        elif len(wrong) < 5:
-            wrong.append(problem)
+        else:
+            failed += 1
+            if len(wrong) < 5:
+                wrong.append(problem)
         i += step
-    out.send((done, wrong))
+    out.send((done, failed, wrong))
     out.close()
 
 
-def run_round(port: int, opts: argparse.Namespace, seconds: float, offset: int) -> tuple[float, List[str]]:
+def run_round(port: int, opts: argparse.Namespace, seconds: float, offset: int) -> tuple[float, int, List[str]]:
+    """SMTP sessions from opts.concurrency client processes for *seconds*: (sessions/s, failed, the first problems)."""
     ctx = multiprocessing.get_context("fork")
     start_at = time.time() + 0.3
     end_at = start_at + seconds
@@ -102,15 +103,16 @@ def run_round(port: int, opts: argparse.Namespace, seconds: float, offset: int) 
         send_end.close()
         procs.append(p)
         pipes.append(recv_end)
-    total, wrong = 0, []
+    total, failed, wrong = 0, 0, []
     for p, pipe in zip(procs, pipes):
         if not pipe.poll(seconds + 60):
             raise SystemExit("sendmail_e2e: error: a client process did not report in time")
-        done, bad = pipe.recv()
+        done, bad, shown = pipe.recv()
         total += done
-        wrong += bad
+        failed += bad
+        wrong += shown
         p.join(10)
-    return total / (time.time() - start_at), wrong
+    return total / (time.time() - start_at), failed, wrong
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              "relayers": {"path": str(relayers)}})
     daemons: list = []
     wrong: List[str] = []
+    failed = 0
     rates: dict[str, List[float]] = {"milter": [], "native": []}
     try:
         milter.start()
@@ -159,11 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for _, mx in (("milter", with_milter), ("native", native)):      # warm-up, unmeasured
             run_round(mx.port, opts, 1.0, 0)
         order = [("milter", with_milter), ("native", native)]
-        for r in range(opts.rounds):
-            for name, mx in (order if r % 2 == 0 else order[::-1]):
-                rate, bad = run_round(mx.port, opts, opts.seconds / opts.rounds, r * 7919)
-                rates[name].append(rate)
-                wrong += bad
+        for r, (name, mx) in interleaved(order, opts.rounds):
+            rate, bad, shown = run_round(mx.port, opts, opts.seconds / opts.rounds, r * 7919)
+            rates[name].append(rate)
+            failed += bad
+            wrong += shown
     finally:
         for mx in daemons:
             mx.stop()
@@ -175,12 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ratio = statistics.median(ratios)
     print("milter/native per round: %s; median %.2f (target >= 0.90: %s); load average now %.2f"
           % (" ".join("%.2f" % x for x in ratios), ratio, "met" if ratio >= 0.9 else "MISSED", os.getloadavg()[0]))
-    if wrong:
-        sys.stderr.write("sendmail_e2e: error: wrong replies (files kept in %s):\n" % work)
-        sys.stderr.writelines("  %s\n" % w for w in wrong[:10])
-        return 1
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return finish(failed, wrong, work)
 
 
 if __name__ == "__main__":
