@@ -13,6 +13,11 @@ DESCRIPTION
     probe_milter_factory      make(socket_spec=None, start=True) -> the probe
                         milter (tests/data/sendmail_probe_milter.py; default
                         a unix socket), killed by PID at teardown
+    milter              a started relaymilter on its default test settings
+                        (milterproc.MilterProcess); a module may define its own
+    dovecot             a started private Dovecot (dovecot.DovecotServer)
+    redis_server        a started private redis-server (redisproc.RedisServer)
+    (each stopped by PID at teardown)
 
 DIAGNOSTICS
     Nothing is skipped: when sendmail, sendmail-cf, m4 or unshare are missing
@@ -28,11 +33,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
 import mta
+from dovecot import DovecotServer
+from milterproc import MilterProcess, unix_listening
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 PROBE_MILTER = DATA / "sendmail_probe_milter.py"
@@ -45,11 +52,7 @@ def socket_listening(spec: str) -> bool:
         port, _, host = rest.partition("@")
         return mta.tcp_listening(int(port), host or "127.0.0.1")
     if kind in ("unix", "local"):
-        # /proc/net/unix: Num RefCount Protocol Flags Type St Inode Path; 00010000 = accepting
-        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
-            next(table)
-            return any(len(f) >= 8 and f[7] == rest and int(f[3], 16) & 0x10000
-                       for f in (line.split() for line in table))
+        return unix_listening(rest)
     raise ValueError("unsupported socket spec: %r" % spec)
 
 
@@ -176,3 +179,35 @@ def probe_milter_factory(socket_dir: Path, tmp_path: Path) -> Iterator[Callable[
     finally:
         for milter in made:
             milter.stop()
+
+
+@pytest.fixture
+def milter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilterProcess]:
+    m = MilterProcess(Path(str(tmp_path_factory.mktemp("milter"))))
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def dovecot() -> Iterator[DovecotServer]:
+    server = DovecotServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A redisproc.RedisServer (imported here: redisproc needs redis-py, only these tests do)."""
+    from redisproc import RedisServer
+
+    srv = RedisServer(tmp_path / "redis").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -18,6 +18,11 @@ Use::
         client = pop3_from("127.0.0.7", dc.pop3_port)
         client.user("alice"); client.pass_("secret"); client.quit()
         dc.log_path   # the file Dovecot writes its log lines to
+        pop3_login("127.0.0.7", dc.pop3_port)     # a whole POP3 session of USER
+
+BASE_CONF and prepare_rundir are what saslauth.DovecotAuth (the auth service
+alone, for Postfix's SASL) shares with this server; the "dovecot" fixture in
+conftest.py starts one for a test.
 """
 
 from __future__ import annotations
@@ -31,26 +36,24 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 USER = "alice"
 PASSWORD = "secret"
 
-CONF = """\
+# What every test Dovecot shares (this server and saslauth.DovecotAuth): every path inside
+# its own run directory, plaintext logins checked against a passwd-file with no failure
+# delay, no anvil penalty socket. Format with run= (the run directory), instance= and log_path=.
+BASE_CONF = """\
 base_dir = {run}/run
 state_dir = {run}/state
 instance_name = {instance}
-listen = 127.0.0.1
-protocols = pop3 imap
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
-auth_verbose = yes
 auth_failure_delay = 0
 log_path = {log_path}
-log_timestamp = "{log_timestamp}"
-mail_location = maildir:~/Maildir
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {run}/users
@@ -64,6 +67,14 @@ service anvil {{
     mode = 0
   }}
 }}
+"""
+
+CONF = BASE_CONF + """\
+listen = 127.0.0.1
+protocols = pop3 imap
+auth_verbose = yes
+log_timestamp = "{log_timestamp}"
+mail_location = maildir:~/Maildir
 service pop3-login {{
   inet_listener pop3 {{
     port = {pop3_port}
@@ -81,6 +92,18 @@ service imap-login {{
   }}
 }}
 """
+
+
+def prepare_rundir(run: str, users: Mapping[str, str]) -> None:
+    """The run directory's parts BASE_CONF names: run/, state/ and home/ (0755: the auth
+    process runs as dovecot), and the passwd-file of *users* (name -> password), readable."""
+    os.chmod(run, 0o755)
+    for sub in ("run", "state", "home"):
+        os.makedirs(os.path.join(run, sub), 0o755, exist_ok=True)
+    os.chown(os.path.join(run, "home"), 65534, 65534)
+    with open(os.path.join(run, "users"), "w", encoding="ascii") as fh:
+        fh.write("".join("%s:{PLAIN}%s\n" % kv for kv in users.items()))
+    os.chmod(os.path.join(run, "users"), 0o644)
 
 
 def free_port() -> int:
@@ -132,6 +155,17 @@ def imap_from(source: str, port: int, host: str = "127.0.0.1") -> imaplib.IMAP4:
     return _BoundIMAP4(source, host, port)
 
 
+def pop3_login(source: str, port: int, password: str = PASSWORD) -> None:
+    """A whole POP3 session of USER from *source*: USER, PASS, STAT, QUIT (a wrong password raises)."""
+    client = pop3_from(source, port)
+    try:
+        client.user(USER)
+        client.pass_(password)
+        client.stat()
+    finally:
+        client.quit()
+
+
 class DovecotServer:
     """One private Dovecot instance; start() / stop() or use as a context manager."""
 
@@ -163,13 +197,7 @@ class DovecotServer:
     def _write_files(self) -> None:
         # Short path under /tmp: base_dir socket names are limited to ~82 characters.
         self.rundir = tempfile.mkdtemp(prefix="rmdc", dir="/tmp")
-        os.chmod(self.rundir, 0o755)
-        for sub in ("run", "state", "home"):
-            os.mkdir(os.path.join(self.rundir, sub), 0o755)
-        os.chown(os.path.join(self.rundir, "home"), 65534, 65534)
-        with open(os.path.join(self.rundir, "users"), "w", encoding="ascii") as fh:
-            fh.write("%s:{PLAIN}%s\n" % (USER, PASSWORD))
-        os.chmod(os.path.join(self.rundir, "users"), 0o644)
+        prepare_rundir(self.rundir, {USER: PASSWORD})
         self.pop3_port = free_port()
         self.imap_port = free_port()
         while self.imap_port == self.pop3_port:

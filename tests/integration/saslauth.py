@@ -24,30 +24,12 @@ from typing import Mapping, Optional, Sequence
 
 import mta
 import postfix
+from dovecot import BASE_CONF, prepare_rundir
+from milterproc import unix_listening
 
-_DOVECOT_AUTH = """\
-base_dir = {run}/run
-state_dir = {run}/state
-instance_name = rmtest-auth-{tag}
+# dovecot.BASE_CONF and this, formatted with listeners= (one _LISTENER per socket).
+_AUTH_ONLY = """\
 protocols = none
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain login
-auth_failure_delay = 0
-log_path = {run}/dovecot.log
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {run}/users
-}}
-userdb {{
-  driver = static
-  args = uid=65534 gid=65534 home={run}/home/%u
-}}
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
 service auth {{
 {listeners}}}
 """
@@ -79,21 +61,20 @@ class DovecotAuth:
 
     def start(self, timeout: float = 15.0) -> "DovecotAuth":
         uid, gid = postfix.ensure_accounts()
-        for sub in ("run", "state", "home"):
-            (self.dir / sub).mkdir(mode=0o755, exist_ok=True)
-        (self.dir / "users").write_text("".join("%s:{PLAIN}%s\n" % kv for kv in self.users.items()))
+        prepare_rundir(str(self.dir), self.users)
         for sock in self.sockets:
             sock.parent.mkdir(parents=True, exist_ok=True)
             os.chown(sock.parent, uid, gid)
             os.chmod(sock.parent, 0o700)
         conf = self.dir / "dovecot.conf"
-        conf.write_text(_DOVECOT_AUTH.format(run=self.dir, tag=self.dir.name, listeners="".join(
-            _LISTENER.format(path=sock, owner=postfix.MAIL_OWNER) for sock in self.sockets)))
+        listeners = "".join(_LISTENER.format(path=sock, owner=postfix.MAIL_OWNER) for sock in self.sockets)
+        conf.write_text((BASE_CONF + _AUTH_ONLY).format(run=self.dir, instance="rmtest-auth-" + self.dir.name,
+                                                        log_path=self.dir / "dovecot.log", listeners=listeners))
         self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr", "wb"))
         try:
             mta.wait_until(lambda: (self.dir / "run" / "master.pid").exists()
-                           and all(_unix_listening(str(s)) for s in self.sockets), timeout, "dovecot auth",
+                           and all(unix_listening(str(s)) for s in self.sockets), timeout, "dovecot auth",
                            alive=lambda: self.proc is not None and self.proc.poll() is None)
         except mta.MTAError as exc:
             self.stop()
@@ -106,8 +87,3 @@ class DovecotAuth:
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-def _unix_listening(path: str) -> bool:
-    with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
-        next(table)
-        return any(len(f) >= 8 and f[7] == path and int(f[3], 16) & 0x10000 for f in (line.split() for line in table))

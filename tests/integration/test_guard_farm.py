@@ -16,7 +16,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -58,15 +58,6 @@ def start(tmp: Path, names: tuple[str, ...], settings: dict) -> list[MilterProce
     for name in names:
         milters.append(MilterProcess(tmp / name, settings).start())
     return milters
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_two_worker_processes_count_together(tmp_path: Path) -> None:

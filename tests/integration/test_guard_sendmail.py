@@ -29,7 +29,7 @@ from typing import Iterator
 import pytest
 
 import mta
-from dovecot import PASSWORD, USER, DovecotServer, pop3_from
+from dovecot import DovecotServer, pop3_login
 from milterproc import MilterProcess, ToolProcess
 from relaymilter.store.bdb import read_items
 
@@ -51,16 +51,6 @@ def listed(db: str) -> set[str]:
     return {k.decode() for k, _ in read_items(db)}
 
 
-def pop3_login(source: str, port: int) -> None:
-    client = pop3_from(source, port)
-    try:
-        client.user(USER)
-        client.pass_(PASSWORD)
-        client.stat()
-    finally:
-        client.quit()
-
-
 def denied(rcpt: str) -> tuple[int, str]:
     return (550, "5.7.1 %s... Relaying denied" % rcpt)
 
@@ -73,16 +63,6 @@ def base() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def dovecot() -> Iterator[DovecotServer]:
-    server = DovecotServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_pop_user_limited_suspended_and_lifted(base: Path, dovecot: DovecotServer, sendmail_factory) -> None:

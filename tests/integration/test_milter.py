@@ -28,16 +28,6 @@ TEMPFAIL = "451 4.3.0 Relay check temporarily unavailable, try again later"
 BATTERY = yaml.safe_load((Path(__file__).parents[1] / "data" / "relay_battery.yaml").read_text())
 
 
-@pytest.fixture
-def milter(tmp_path_factory):
-    m = MilterProcess(Path(str(tmp_path_factory.mktemp("milter"))))
-    m.start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
 def rcpts(m: MilterProcess, client: str, recipients, sender="<someone@example.net>", auth=None) -> list[str]:
     with MilterSession(m.socket, timeout=10) as s:
         s.connect(client_ip=client)

@@ -24,7 +24,7 @@ from relaymilter.store.bdb import read_items
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from milterproc import ToolProcess  # noqa: E402
-from dovecot import PASSWORD, USER, DovecotServer, imap_from, pop3_from  # noqa: E402
+from dovecot import PASSWORD, USER, DovecotServer, imap_from, pop3_login  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +38,6 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None
             return
         time.sleep(0.02)
     raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
-
-
-@pytest.fixture
-def dovecot() -> Iterator[DovecotServer]:
-    server = DovecotServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -78,16 +68,6 @@ def popwatch(dovecot: DovecotServer, tmp_path: Path) -> Iterator[tuple[ToolProce
 
 def entries(db: Path) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in read_items(str(db))}
-
-
-def pop3_login(source: str, port: int, password: str = PASSWORD) -> None:
-    client = pop3_from(source, port)
-    try:
-        client.user(USER)
-        client.pass_(password)
-        client.stat()
-    finally:
-        client.quit()
 
 
 def test_logins_recorded_failures_ignored_and_expired_after_grace(dovecot: DovecotServer, popwatch) -> None:

@@ -35,7 +35,7 @@ import pytest
 from relaymilter.store.bdb import read_items
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dovecot import PASSWORD, USER, DovecotServer, pop3_from  # noqa: E402
+from dovecot import DovecotServer, pop3_login  # noqa: E402
 from journald import STDOUT, Journald, stream_to_journal  # noqa: E402
 from milterproc import ToolProcess  # noqa: E402
 
@@ -58,16 +58,6 @@ def entries(db: Path) -> dict[str, int]:
     if not db.exists():
         return {}
     return {k.decode(): int(v) for k, v in read_items(str(db))}
-
-
-def pop3_login(source: str, port: int, password: str = PASSWORD) -> None:
-    client = pop3_from(source, port)
-    try:
-        client.user(USER)
-        client.pass_(password)
-        client.stat()
-    finally:
-        client.quit()
 
 
 def journal_time(text: str) -> float:

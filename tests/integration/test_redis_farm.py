@@ -26,7 +26,7 @@ import pytest
 from relaymilter.harness import MilterSession
 from relaymilter.store.relayers import open_relay_store
 
-from dovecot import PASSWORD, USER, DovecotServer, imap_from, pop3_from
+from dovecot import PASSWORD, USER, DovecotServer, imap_from, pop3_login
 from milterproc import MilterProcess
 from redisproc import RedisServer, ToolProcess, wait_for
 
@@ -48,15 +48,6 @@ def rcpts(m: MilterProcess, client: str, recipients: list[str]) -> list[str]:
 
 def relay(m: MilterProcess, client: str) -> str:
     return rcpts(m, client, ["<bob@remote.example>"])[0]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
@@ -103,16 +94,6 @@ def pop_hosts(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[Doveco
             pw.stop()
         for dc in servers:
             dc.stop()
-
-
-def pop3_login(source: str, port: int) -> None:
-    client = pop3_from(source, port)
-    try:
-        client.user(USER)
-        client.pass_(PASSWORD)
-        client.stat()
-    finally:
-        client.quit()
 
 
 def imap_login(source: str, port: int) -> None:

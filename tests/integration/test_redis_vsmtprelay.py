@@ -10,15 +10,12 @@ reads back the same.
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from relaymilter.cli import vsmtprelay
 from relaymilter.store.relayers import BDBRelayStore, open_relay_store
 
-from redisproc import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -63,24 +60,15 @@ FIRST_DUMP = """\
 """
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def run(capsys: pytest.CaptureFixture, location: str, args: list[str]) -> tuple[int, str, str]:
     rc = vsmtprelay.main(["-f", location, "--now", NOW] + args)
     out, err = capsys.readouterr()
     return rc, out, err
 
 
-def test_same_commands_same_output_file_and_redis(tmp_path, server, capsys):
+def test_same_commands_same_output_file_and_redis(tmp_path, redis_server, capsys):
     path = str(tmp_path / "relayers.db")
-    url = server.url(query="prefix=vs:")
+    url = redis_server.url(query="prefix=vs:")
     file_steps = [run(capsys, path, args) for args in SEQUENCE]
     redis_steps = [run(capsys, url, args) for args in SEQUENCE]
     for args, f, r in zip(SEQUENCE, file_steps, redis_steps):
@@ -92,12 +80,12 @@ def test_same_commands_same_output_file_and_redis(tmp_path, server, capsys):
     assert file_steps[16][0] == 2 and "usage" in file_steps[16][2]
     assert file_steps[-1] == (0, "", "")
     assert BDBRelayStore(path).entries() == open_relay_store(url).entries() == []
-    with server.client() as c:
+    with redis_server.client() as c:
         assert list(c.scan_iter()) == []
 
 
-def test_installed_script_and_makemap_round_trip(tmp_path, server):
-    url = server.url()
+def test_installed_script_and_makemap_round_trip(tmp_path, redis_server):
+    url = redis_server.url()
     for args in (["add", "192.0.2.1", "906502527"], ["add", "2001:db8::7", "1000000001"]):
         subprocess.run(["vsmtprelay", "-f", url] + args, check=True, timeout=60)
     dump = subprocess.run(["vsmtprelay", "-f", url, "dump"], check=True, timeout=60,
@@ -107,9 +95,9 @@ def test_installed_script_and_makemap_round_trip(tmp_path, server):
         ("192.0.2.1", 906502527), ("2001:db8::7", 1000000001)]
 
 
-def test_unreachable_redis_is_one_line_and_exit_1(tmp_path, server, capsys):
-    port = server.port
-    server.stop()
+def test_unreachable_redis_is_one_line_and_exit_1(tmp_path, redis_server, capsys):
+    port = redis_server.port
+    redis_server.stop()
     rc, out, err = run(capsys, "redis://:pw@127.0.0.1:%d/0" % port, ["dump"])
     assert (rc, out) == (1, "")
     assert err.startswith("vsmtprelay: error: redis://:***@127.0.0.1:%d/0: cannot list entries: " % port)

@@ -27,16 +27,6 @@ TEMPFAIL = "451 4.3.0 Relay check temporarily unavailable, try again later"
 PROMPT = 4.0        # seconds: well inside sendmail's and Postfix's 10 s milter timeouts
 
 
-@pytest.fixture
-def milter(tmp_path_factory):
-    m = MilterProcess(Path(str(tmp_path_factory.mktemp("milter"))))
-    m.start()
-    try:
-        yield m
-    finally:
-        m.stop()
-
-
 def relay_answer(m: MilterProcess, client: str = "192.0.2.5") -> tuple[str, float]:
     """The RCPT answer for a remote recipient, and how long it took."""
     with MilterSession(m.socket, timeout=12) as s:
