@@ -48,12 +48,11 @@ import time
 from typing import Optional, Sequence, TextIO
 
 from relaymilter import __version__
-from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.ipaddr import shorten
 from relaymilter.policy.limits import Limits
 from relaymilter.store.guard import open_guard_store
-# The classic parser and its two errors are vsmtprelay's: the same flags, the same exits.
-from relaymilter.cli.vsmtprelay import BadArgument, UsageError, build_parser
+# The classic parser, its two errors and its main() are vsmtprelay's: the same flags, the same exits.
+from relaymilter.cli.vsmtprelay import BadArgument, build_parser, classic_main, command_args
 
 PROG = "relaymilter-guard"
 USAGE = """\
@@ -96,12 +95,7 @@ def _stamp(ticks: int) -> str:
 
 
 def run(opts: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    command, args = opts.command, list(opts.args)
-    if command not in ARITY:
-        raise UsageError("unknown command %r" % command if command else "no command given")
-    low, high = ARITY[command]
-    if len(args) < low or (high is not None and len(args) > high):
-        raise UsageError("wrong number of arguments for %r" % command)
+    command, args = command_args(opts, ARITY)
     now = _number(opts.now, "--now", 253402300799) if opts.now is not None else int(time.time())
     percent = _number(args[0], "percent", 10000) if command == "list" and args else 80
     minutes = _number(args[1], "minutes", 10**7) if command == "suspend" and len(args) > 1 else None
@@ -164,33 +158,7 @@ def show_suspended(held: Sequence, out: TextIO) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    out, err = sys.stdout, sys.stderr
-    usage = USAGE.format(version=__version__)
-    try:
-        opts = build_parser().parse_args(argv)
-        if opts.help:
-            out.write(usage)
-            return 0
-        if opts.version:
-            out.write("%s %s\n" % (PROG, __version__))
-            return 0
-        if opts.command is None:
-            raise UsageError("")
-        return run(opts, out, err)
-    except UsageError as exc:
-        if str(exc):
-            err.write("%s: error: %s\n" % (PROG, exc))
-        err.write(usage)
-        return 2
-    except (BadArgument, ConfigError) as exc:
-        err.write("%s: error: %s\n" % (PROG, exc))
-        return 2
-    except StoreUnavailable as exc:
-        err.write("%s: error: %s\n" % (PROG, exc))
-        return 1
-    except BrokenPipeError:
-        return 1
-
+    return classic_main(PROG, USAGE.format(version=__version__), build_parser(), run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

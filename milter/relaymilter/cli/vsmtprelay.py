@@ -31,7 +31,7 @@ import argparse
 import re
 import sys
 import time
-from typing import NoReturn, Optional, Sequence, TextIO
+from typing import Callable, NoReturn, Optional, Sequence, TextIO
 
 from relaymilter import __version__
 from relaymilter.errors import ConfigError, StoreUnavailable
@@ -117,13 +117,20 @@ def format_entries(entries: Sequence[tuple[str, int]], out: TextIO) -> None:
         out.write("# timestamp (UTC): %s\n%s %d\n" % (stamp, address, ticks))
 
 
-def run(opts: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def command_args(opts: argparse.Namespace, arity: dict[str, tuple[int, Optional[int]]]) -> tuple[str, list[str]]:
+    """The command and its arguments, their number checked against *arity*
+    (command -> (fewest, most or None)); UsageError otherwise."""
     command, args = opts.command, list(opts.args)
-    if command not in ARITY:
+    if command not in arity:
         raise UsageError("unknown command %r" % command if command else "no command given")
-    low, high = ARITY[command]
+    low, high = arity[command]
     if len(args) < low or (high is not None and len(args) > high):
         raise UsageError("wrong number of arguments for %r" % command)
+    return command, args
+
+
+def run(opts: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    command, args = command_args(opts, ARITY)
     now = parse_ticks_arg(opts.now, "--now") if opts.now is not None else int(time.time())
 
     # Validate every argument before the map is opened: a typo never touches the file.
@@ -159,37 +166,39 @@ def run(opts: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def classic_main(prog: str, usage: str, parser: argparse.ArgumentParser,
+                 run: Callable[[argparse.Namespace, TextIO, TextIO], int], argv: Optional[Sequence[str]]) -> int:
+    """main() of a classic-style command (vsmtprelay, relaymilter-guard): *parser* (build_parser()'s),
+    then *run*; -h prints *usage* (exit 0), bad usage prints it (exit 2), errors are one line."""
     out, err = sys.stdout, sys.stderr
-    usage = USAGE.format(version=__version__)
     try:
-        opts = build_parser().parse_args(argv)
+        opts = parser.parse_args(argv)
         if opts.help:
             out.write(usage)
             return 0
         if opts.version:
-            out.write("%s %s\n" % (PROG, __version__))
+            out.write("%s %s\n" % (prog, __version__))
             return 0
         if opts.command is None:
             raise UsageError("")
         return run(opts, out, err)
     except UsageError as exc:
         if str(exc):
-            err.write("%s: error: %s\n" % (PROG, exc))
+            err.write("%s: error: %s\n" % (prog, exc))
         err.write(usage)
         return 2
-    except BadArgument as exc:
-        err.write("%s: error: %s\n" % (PROG, exc))
-        return 2
-    except ConfigError as exc:
-        err.write("%s: error: %s\n" % (PROG, exc))
+    except (BadArgument, ConfigError) as exc:
+        err.write("%s: error: %s\n" % (prog, exc))
         return 2
     except StoreUnavailable as exc:
-        err.write("%s: error: %s\n" % (PROG, exc))
+        err.write("%s: error: %s\n" % (prog, exc))
         return 1
     except BrokenPipeError:
         return 1
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return classic_main(PROG, USAGE.format(version=__version__), build_parser(), run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())
