@@ -34,9 +34,9 @@ DESCRIPTION
     key by key: each such lookup costs a flock, an fstat and a Berkeley DB
     read per key (tens of microseconds on a busy machine, measured with
     benchmarks/local_recipients.py), a set lookup well under one; the
-    price is memory (about 10 MB per 100,000 keys) and a full read (about
-    0.1 s per 100,000 keys) at each change, by the thread that notices it,
-    as for spammers.db.
+    price is memory (about 12 MB per 100,000 keys) and a full read (about
+    0.25 s per 100,000 keys; benchmarks/local_recipients.py prints both) at
+    each change, by the thread that notices it, as for spammers.db.
 
 DIAGNOSTICS
     A source that exists but cannot be read or parsed, or has gone since

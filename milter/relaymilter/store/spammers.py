@@ -29,8 +29,8 @@ DESCRIPTION
     in memory as a frozenset, read under flock(LOCK_SH) whenever the file
     changes (one stat per lookup: inode, size, mtime, ctime; a file changed
     less than bdb.RACY_NS before it was read is read again). Why not answer
-    from the live file through bdb.MapReader: (1) the issue asks for the last
-    good list to survive a corrupt file, and a corrupt file is often the
+    from the live file through bdb.MapReader: (1) the last good list must
+    survive a corrupt file (README), and a corrupt file is often the
     *same* inode (makemap and `>` rewrite in place, a disk error damages a
     page), where keeping the old descriptor open gives nothing back; (2) a
     single-key probe cannot tell a damaged page from a miss, whereas reading
