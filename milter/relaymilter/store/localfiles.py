@@ -29,7 +29,8 @@ DIAGNOSTICS
     UTF-8 or holds a NUL or control character, an entry without a colon, a
     name, or a value, a continuation line with nothing to continue, an
     unterminated quote, a non-local (``@``) alias name, a relative or
-    unreadable ``:include:`` file; a list line with more than one word or
+    unreadable ``:include:`` file, one nested more than MAX_INCLUDE_DEPTH
+    (10, sendmail's MaxAliasRecursion) deep; a list line with more than one word or
     a bad domain. ``FILE: cannot read: reason`` for a file that cannot be
     read at all. *files* on the exception names every file read or tried,
     so a reader can tell when retrying is worthwhile.
@@ -49,6 +50,9 @@ from relaymilter.address.tokens import ascii_lower, dequote
 
 CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 INCLUDE = ":include:"
+# sendmail's MaxAliasRecursion default: a list nested deeper bounces there, and a chain of files
+# any user can write must not exhaust the reader's stack.
+MAX_INCLUDE_DEPTH = 10
 
 
 # Tables are dicts of key -> None, not frozensets: a dict holding only strings is not tracked by
@@ -199,10 +203,13 @@ class _AliasReader:
         self.files: list[str] = []
         self.seen: set[str] = set()
 
-    def include(self, target: str, where: str) -> None:
+    def include(self, target: str, where: str, depth: int) -> None:
         """Read an :include: file (once) and the files it includes in turn."""
         if not target.startswith("/"):
             raise SourceError("%s: :include: needs an absolute path, got %r" % (where, target), tuple(self.files))
+        if depth > MAX_INCLUDE_DEPTH:
+            raise SourceError("%s: :include: %s nested more than %d deep" % (where, target, MAX_INCLUDE_DEPTH),
+                              tuple(self.files))
         real = os.path.realpath(target)
         if real in self.seen:
             return          # a loop, or the same list twice: already read
@@ -216,11 +223,11 @@ class _AliasReader:
             if items is None:
                 raise SourceError("%s:%d: unterminated quote" % (target, no), tuple(self.files))
             for item in items:
-                self._value(item.strip(), "%s:%d" % (target, no))
+                self._value(item.strip(), "%s:%d" % (target, no), depth + 1)
 
-    def _value(self, item: str, where: str) -> None:
+    def _value(self, item: str, where: str, depth: int = 1) -> None:
         if item[:len(INCLUDE)].lower() == INCLUDE:
-            self.include(item[len(INCLUDE):].strip(), where)
+            self.include(item[len(INCLUDE):].strip(), where, depth)
 
     def aliases(self, path: str) -> AliasNames:
         self.seen.add(os.path.realpath(path))

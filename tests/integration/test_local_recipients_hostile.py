@@ -1,0 +1,56 @@
+"""local_recipients sources a local user can shape: :include: files they own, NSS that fails.
+
+Each fault must end in a clear decision (451 when the milter cannot decide,
+never 250 for an unknown user nor 550 for a known one) and one log line
+naming the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from relaymilter.address.resolve import Resolved
+from relaymilter.errors import StoreUnavailable
+from relaymilter.policy.recipients import LOOKUP_FAILED, check, query
+from relaymilter.store import recipients as rmod
+from relaymilter.store.recipients import LocalRecipients
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Files count as settled at once (the racy-time rule has its own tests)."""
+    monkeypatch.setattr(rmod, "RACY_NS", 0)
+
+
+def decide(rec: LocalRecipients, local: str):
+    q = query(Resolved(local, "local.test"))
+    return check(q, rec.snapshot().lookup).decision
+
+
+def failures(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "relaymilter.store.recipients" and r.levelno >= logging.ERROR]
+
+
+def test_a_deep_include_chain_is_a_451_with_one_line(tmp_path, settled, caplog):
+    """A user who owns an included file chains 1,500 more: no RecursionError, a 451 naming the depth."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for i in range(1500):
+        (home / ("l%d" % i)).write_text(":include:%s\n" % (home / ("l%d" % (i + 1))))
+    (home / "l1500").write_text("someone@example.org\n")
+    aliases = tmp_path / "aliases"
+    aliases.write_text("staff: :include:%s\nalice: alice\n" % (home / "l0"))
+    rec = LocalRecipients(aliases=[str(aliases)])
+    caplog.set_level(logging.INFO, logger="relaymilter.store.recipients")
+    for _ in range(3):
+        assert decide(rec, "nobody-here") == LOOKUP_FAILED
+        with pytest.raises(StoreUnavailable, match="nested more than 10 deep"):
+            rec.lookup(("alice",), "local.test")
+    lines = failures(caplog)
+    assert len(lines) == 1 and "nested more than 10 deep" in lines[0], lines
+    # Ten levels are what sendmail follows: that still works.
+    (home / "l9").write_text("someone@example.org\n")
+    assert rec.lookup(("alice",), "local.test") == "aliases"
