@@ -54,3 +54,26 @@ def test_a_deep_include_chain_is_a_451_with_one_line(tmp_path, settled, caplog):
     # Ten levels are what sendmail follows: that still works.
     (home / "l9").write_text("someone@example.org\n")
     assert rec.lookup(("alice",), "local.test") == "aliases"
+
+
+def test_a_huge_included_file_is_not_read_into_memory(tmp_path, settled, caplog):
+    """A sparse terabyte file a user :include:s is refused at its size: a 451 naming it, nothing read."""
+    big = tmp_path / "big.list"
+    with open(big, "wb") as f:
+        f.truncate(1 << 40)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("alice: alice\nlist: :include:%s\n" % big)
+    rec = LocalRecipients(aliases=[str(aliases)])
+    caplog.set_level(logging.INFO, logger="relaymilter.store.recipients")
+    assert decide(rec, "nobody-here") == LOOKUP_FAILED
+    assert decide(rec, "alice") == LOOKUP_FAILED
+    lines = failures(caplog)
+    assert len(lines) == 1 and "%s: too large" % big in lines[0], lines
+    # A list past the bound is refused the same way.
+    lst = tmp_path / "users"
+    with open(lst, "wb") as f:
+        f.truncate(65 << 20)
+    rec = LocalRecipients(lists=[str(lst)])
+    assert decide(rec, "nobody-here") == LOOKUP_FAILED
+    lst.write_text("alice\n")
+    assert rec.lookup(("alice",), "local.test") == "list"

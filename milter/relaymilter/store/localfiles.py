@@ -32,7 +32,8 @@ DIAGNOSTICS
     unreadable ``:include:`` file, one nested more than MAX_INCLUDE_DEPTH
     (10, sendmail's MaxAliasRecursion) deep; a list line with more than one word or
     a bad domain. ``FILE: cannot read: reason`` for a file that cannot be
-    read at all. *files* on the exception names every file read or tried,
+    read at all, ``FILE: too large`` for a source whose files hold more
+    than MAX_SOURCE_BYTES (64 MiB) together. *files* on the exception names every file read or tried,
     so a reader can tell when retrying is worthwhile.
 """
 
@@ -53,6 +54,9 @@ INCLUDE = ":include:"
 # sendmail's MaxAliasRecursion default: a list nested deeper bounces there, and a chain of files
 # any user can write must not exhaust the reader's stack.
 MAX_INCLUDE_DEPTH = 10
+# What one source (a list, or an aliases file with every file it includes) may hold: a sparse
+# terabyte file in a user's home, :include:d, must not be read into every milter worker's memory.
+MAX_SOURCE_BYTES = 64 << 20
 
 
 # Tables are dicts of key -> None, not frozensets: a dict holding only strings is not tracked by
@@ -114,8 +118,8 @@ def not_regular(mode: int) -> str:
     return "Not a regular file"
 
 
-def _read(path: str, files: list[str], where: str = "") -> bytes:
-    """The whole file; never waits on a FIFO (O_NONBLOCK) and reads only a regular file."""
+def _read(path: str, files: list[str], where: str = "", budget: int = MAX_SOURCE_BYTES) -> bytes:
+    """The whole file, at most *budget* bytes; never waits on a FIFO (O_NONBLOCK), reads only a regular file."""
     files.append(path)
     head = "%s: %s" % (where, path) if where else path
     try:
@@ -123,15 +127,20 @@ def _read(path: str, files: list[str], where: str = "") -> bytes:
     except OSError as exc:
         raise SourceError("%s: cannot read: %s" % (head, exc.strerror or exc), tuple(files)) from None
     try:
-        why = not_regular(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        why = not_regular(st.st_mode)
         if why:
             raise SourceError("%s: cannot read: %s" % (head, why), tuple(files))
         chunks: list[bytes] = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
+        got = 0
+        while st.st_size <= budget and got <= budget:     # the file may grow while it is read
+            chunk = os.read(fd, min(1 << 20, budget + 1 - got))
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
+            got += len(chunk)
+        raise SourceError("%s: too large: more than %d bytes in one source and the files it includes"
+                          % (head, MAX_SOURCE_BYTES), tuple(files))
     except OSError as exc:
         raise SourceError("%s: cannot read: %s" % (head, exc.strerror or exc), tuple(files)) from None
     finally:
@@ -202,6 +211,7 @@ class _AliasReader:
     def __init__(self) -> None:
         self.files: list[str] = []
         self.seen: set[str] = set()
+        self.bytes = 0
 
     def include(self, target: str, where: str, depth: int) -> None:
         """Read an :include: file (once) and the files it includes in turn."""
@@ -214,7 +224,8 @@ class _AliasReader:
         if real in self.seen:
             return          # a loop, or the same list twice: already read
         self.seen.add(real)
-        data = _read(target, self.files, where)
+        data = _read(target, self.files, where, MAX_SOURCE_BYTES - self.bytes)
+        self.bytes += len(data)
         for no, text in _lines(data, target, self.files):
             line = text.strip()
             if not line or line.startswith("#"):
@@ -232,6 +243,7 @@ class _AliasReader:
     def aliases(self, path: str) -> AliasNames:
         self.seen.add(os.path.realpath(path))
         data = _read(path, self.files)
+        self.bytes += len(data)
         entries: list[tuple[int, list[str]]] = []
         for no, text in _lines(data, path, self.files):
             stripped = text.strip()
