@@ -8,6 +8,9 @@ naming the cause.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -77,3 +80,35 @@ def test_a_huge_included_file_is_not_read_into_memory(tmp_path, settled, caplog)
     assert decide(rec, "nobody-here") == LOOKUP_FAILED
     lst.write_text("alice\n")
     assert rec.lookup(("alice",), "local.test") == "list"
+
+
+def _own_mount_namespace() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _own_mount_namespace(), reason="needs root and mount namespaces (unshare -m)")
+def test_nss_that_cannot_answer_is_a_451_not_a_550_for_root(tmp_path):
+    """relaymilter-test, in a mount namespace whose /etc has no passwd file: NSS fails, it does not say "no such user"."""
+    users = tmp_path / "users"
+    users.write_text("alice\n")
+    cfg = tmp_path / "relaymilter.yaml"
+    cfg.write_text("local_domains: [local.test]\nlocal_recipients: {passwd: true, lists: [%s]}\n" % users)
+    tool = shutil.which("relaymilter-test")
+    assert tool
+    args = ["--lookup", "root@local.test", "--lookup", "alice@local.test", "--lookup", "nobody-here@local.test"]
+    healthy = subprocess.run([tool, "-c", str(cfg)] + args, capture_output=True, text=True, timeout=60)
+    assert "known (passwd)" in healthy.stdout.splitlines()[0], healthy.stdout
+    assert "550 5.1.1" in healthy.stdout.splitlines()[2], healthy.stdout
+    script = ('mount -t tmpfs -o mode=755 relaymilter-test /etc && printf "passwd: files\\n" > /etc/nsswitch.conf'
+              ' && exec "$0" "$@"')
+    down = subprocess.run(["unshare", "-m", "sh", "-c", script, tool, "-c", str(cfg)] + args,
+                          capture_output=True, text=True, timeout=60)
+    out = down.stdout.splitlines()
+    assert down.returncode == 1, (down.stdout, down.stderr)
+    assert "451 4.3.0" in out[0] and "rule=recipients_unavailable" in out[0], out     # root: never a 550
+    assert "known (list" in out[1], out                                                # another source still answers
+    assert "451 4.3.0" in out[2], out                                                  # unknown: never a 550 either
+    errors = [line for line in down.stderr.splitlines() if "NSS lookup failed" in line]
+    assert len(errors) == 1 and "local recipients passwd" in errors[0], down.stderr

@@ -8,8 +8,10 @@ DESCRIPTION
     first source that knows the user answers; the policy core
     (relaymilter.policy.recipients) turns the answer into a decision.
 
-    passwd asks pwd.getpwnam(), so NSS (files, LDAP, sss) is honoured and
-    nothing is cached here (nscd or sssd cache if configured).
+    passwd asks getpwnam_r(3), so NSS (files, LDAP, sss) is honoured and
+    nothing is cached here (nscd or sssd cache if configured). An NSS that
+    cannot answer (passwd unreadable, LDAP or sssd down) is a lookup
+    failure, told apart from "no such account" by getpwnam_r's return.
 
     aliases files and user lists (relaymilter.store.localfiles) are read
     whole into tables (dicts), so a lookup is a membership test however long the
@@ -47,9 +49,10 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
-import pwd
 import threading
 import time
 from dataclasses import dataclass
@@ -82,19 +85,65 @@ def _settled(sigs: tuple[Sig, ...]) -> bool:
     return all(len(s) == 5 and now - max(s[3], s[4]) > RACY_NS for s in sigs)
 
 
+def _getpwnam_r() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.getpwnam_r
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+                   ctypes.POINTER(ctypes.c_void_p)]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class PasswdSource:
-    """System accounts through NSS."""
+    """System accounts through NSS, asked with getpwnam_r(3) itself.
+
+    pwd.getpwnam() raises the same KeyError for "no such account" and for
+    "NSS could not answer" (an unreadable passwd file, LDAP or sssd down):
+    getpwnam_r returns 0 with no entry for the first, an errno for the
+    second, which is a lookup failure (451), never a 550 for a known user.
+    """
 
     kind = "passwd"
     path = "passwd"
 
-    def knows(self, locals_: tuple[str, ...], domain: Optional[str]) -> bool:
-        for local in locals_:
-            try:
-                pwd.getpwnam(local)
-                return True
-            except (KeyError, ValueError):      # ValueError: a NUL in the name
+    def __init__(self) -> None:
+        self._getpwnam_r = _getpwnam_r()
+        self._failed = False
+
+    def _account(self, name: str) -> bool:
+        raw = name.encode("utf-8", "surrogateescape")
+        if b"\0" in raw:
+            return False
+        size = 4096
+        while True:
+            entry = ctypes.create_string_buffer(256)    # struct passwd: 48 bytes on LP64
+            buf = ctypes.create_string_buffer(size)
+            found = ctypes.c_void_p()
+            rc = self._getpwnam_r(raw, entry, buf, size, ctypes.byref(found))
+            if rc == errno.ERANGE and size < (1 << 20):
+                size *= 4
                 continue
+            if rc:
+                raise OSError(rc, os.strerror(rc))
+            return bool(found.value)
+
+    def knows(self, locals_: tuple[str, ...], domain: Optional[str]) -> bool:
+        try:
+            for local in locals_:
+                if self._account(local):
+                    if self._failed:
+                        self._failed = False
+                        log.info("local recipients passwd: NSS answers again")
+                    return True
+        except OSError as exc:
+            why = "NSS lookup failed: %s" % (exc.strerror or exc)
+            if not self._failed:
+                self._failed = True
+                log.error("local recipients passwd: %s; users no other source knows get 451 until it answers", why)
+            raise StoreUnavailable("passwd: %s" % why) from None
+        if self._failed:
+            self._failed = False
+            log.info("local recipients passwd: NSS answers again")
         return False
 
     def unsettled(self) -> bool:
@@ -297,8 +346,12 @@ class Snapshot:
         for kind, table in self.entries:
             if type(table) is StoreUnavailable:
                 failure = failure or table
-            elif table.knows(locals_, domain):
-                return kind
+                continue
+            try:
+                if table.knows(locals_, domain):
+                    return kind
+            except StoreUnavailable as exc:     # passwd: NSS could not answer now
+                failure = failure or exc
         if failure is not None:
             raise failure
         if self.unsettled:
