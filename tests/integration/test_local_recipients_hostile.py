@@ -112,3 +112,23 @@ def test_nss_that_cannot_answer_is_a_451_not_a_550_for_root(tmp_path):
     assert "451 4.3.0" in out[2], out                                                  # unknown: never a 550 either
     errors = [line for line in down.stderr.splitlines() if "NSS lookup failed" in line]
     assert len(errors) == 1 and "local recipients passwd" in errors[0], down.stderr
+
+
+def test_thousands_of_included_files_are_a_451_not_thousands_of_stats_per_rcpt(tmp_path, settled, caplog):
+    """Every lookup stats every file a source came from: a user's list of 5,000 empty includes is refused."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for i in range(5000):
+        (home / ("f%d" % i)).write_bytes(b"")
+    wide = home / "wide.list"
+    wide.write_text("".join(":include:%s\n" % (home / ("f%d" % i)) for i in range(5000)))
+    aliases = tmp_path / "aliases"
+    aliases.write_text("alice: alice\nlist: :include:%s\n" % wide)
+    rec = LocalRecipients(aliases=[str(aliases)])
+    caplog.set_level(logging.INFO, logger="relaymilter.store.recipients")
+    assert decide(rec, "nobody-here") == LOOKUP_FAILED
+    assert decide(rec, "alice") == LOOKUP_FAILED
+    lines = failures(caplog)
+    assert len(lines) == 1 and "more than 1000 files" in lines[0], lines
+    wide.write_text("".join(":include:%s\n" % (home / ("f%d" % i)) for i in range(990)))
+    assert rec.lookup(("alice",), "local.test") == "aliases"

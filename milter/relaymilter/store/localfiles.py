@@ -30,7 +30,8 @@ DIAGNOSTICS
     name, or a value, a continuation line with nothing to continue, an
     unterminated quote, a non-local (``@``) alias name, a relative or
     unreadable ``:include:`` file, one nested more than MAX_INCLUDE_DEPTH
-    (10, sendmail's MaxAliasRecursion) deep; a list line with more than one word or
+    (10, sendmail's MaxAliasRecursion) deep or past MAX_SOURCE_FILES (1000
+    files read for one aliases file); a list line with more than one word or
     a bad domain. ``FILE: cannot read: reason`` for a file that cannot be
     read at all, ``FILE: too large`` for a source whose files hold more
     than MAX_SOURCE_BYTES (64 MiB) together. *files* on the exception names every file read or tried,
@@ -57,6 +58,9 @@ MAX_INCLUDE_DEPTH = 10
 # What one source (a list, or an aliases file with every file it includes) may hold: a sparse
 # terabyte file in a user's home, :include:d, must not be read into every milter worker's memory.
 MAX_SOURCE_BYTES = 64 << 20
+# Every lookup stats every file a source was read from (to see a change at once): a user who
+# :include:s a million empty files must not make each RCPT a million stats.
+MAX_SOURCE_FILES = 1000
 
 
 # Tables are dicts of key -> None, not frozensets: a dict holding only strings is not tracked by
@@ -223,6 +227,9 @@ class _AliasReader:
         real = os.path.realpath(target)
         if real in self.seen:
             return          # a loop, or the same list twice: already read
+        if len(self.files) >= MAX_SOURCE_FILES:
+            raise SourceError("%s: :include: %s: more than %d files in one aliases source" % (where, target, MAX_SOURCE_FILES),
+                              tuple(self.files))
         self.seen.add(real)
         data = _read(target, self.files, where, MAX_SOURCE_BYTES - self.bytes)
         self.bytes += len(data)
