@@ -25,6 +25,7 @@ DESCRIPTION
     each process opens the file itself (a forked child reopens it) and the
     threads of one process also take a mutex. A process killed mid-update
     releases the lock with its death; at worst one slot's counts are torn.
+    A file cut short or removed while mapped is mapped afresh (_locked).
 
 DIAGNOSTICS
     StoreUnavailable when the file cannot be opened or created, is not a
@@ -265,6 +266,29 @@ class CounterFile:
         self._fd, self._pid = fd, os.getpid()
         return self._map
 
+    def _locked(self, how: int) -> Optional[mmap.mmap]:
+        """This process's mapping, locked *how*, of the file at the path now (None: no file).
+
+        A file cut short (``: > relayers-counters``) would make the mapping
+        SIGBUS; one removed would be counted in by this process alone.
+        """
+        for _ in range(2):
+            mm = self._attach()
+            if mm is None:
+                return None
+            assert self._fd is not None
+            self._lock(self._fd, how)
+            try:
+                st = os.fstat(self._fd)
+            except OSError as exc:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                raise self._fail("cannot examine", exc) from None
+            if st.st_size == SIZE and st.st_nlink > 0:
+                return mm
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._drop()
+        raise self._fail("cut short or replaced while in use, again")
+
     def _find(self, mm: mmap.mmap, h: int, minute: int, create: bool) -> Optional[int]:
         """The offset of the slot for hash *h*; with *create*, a fresh one when there is none."""
         free = None
@@ -301,11 +325,10 @@ class CounterFile:
         minute = int(now) // 60
         text = identity.encode("utf-8", "surrogateescape")[:KEY_MAX]
         with self._mutex:
-            mm = self._attach()
+            mm = self._locked(fcntl.LOCK_EX)
             if mm is None:
                 raise self._fail("does not exist")
             assert self._fd is not None
-            self._lock(self._fd, fcntl.LOCK_EX)
             try:
                 counts: dict[str, int] = {}
                 over: Optional[str] = None
@@ -394,11 +417,10 @@ class CounterFile:
         minute = int(now) // 60
         found: list[Usage] = []
         with self._mutex:
-            mm = self._attach()
+            mm = self._locked(fcntl.LOCK_SH)
             if mm is None:
                 return []
             assert self._fd is not None
-            self._lock(self._fd, fcntl.LOCK_SH)
             try:
                 for off in range(HEAD, SIZE, SLOT):
                     sh, last, fam, klen = _SLOT_HEAD.unpack_from(mm, off)
@@ -420,11 +442,10 @@ class CounterFile:
     def forget(self, identity: str) -> None:
         """Drop every count of *identity* (an admin lifting a suspension starts it afresh)."""
         with self._mutex:
-            mm = self._attach()
+            mm = self._locked(fcntl.LOCK_EX)
             if mm is None:
                 return
             assert self._fd is not None
-            self._lock(self._fd, fcntl.LOCK_EX)
             try:
                 for family in FAMILIES:
                     off = self._find(mm, slot_hash(family, identity), int(time.time()) // 60, create=False)
