@@ -9,7 +9,9 @@ DESCRIPTION
     relaymilter.metrics.milter and relaymilter.metrics.popwatch.
 
     serve() runs the HTTP endpoint in threads of the calling process: one
-    thread accepts, one thread per scrape. Nothing here is imported unless
+    thread accepts, one thread per scrape, at most MAX_SCRAPES (8) at once
+    and each silent for SCRAPE_TIMEOUT (5 s) at most; a connection past
+    those is closed. Nothing here is imported unless
     metrics are configured, so a milter without them never loads
     prometheus_client.
 
@@ -33,7 +35,17 @@ class MetricsError(RelaymilterError):
     """The metrics endpoint cannot be served."""
 
 
+# Any local user can connect to a loopback endpoint. Idle or slow connections must not pile up
+# threads and descriptors in the process that serves them (the milter's supervisor: out of
+# descriptors, it could not even reload its configuration): each connection gets SCRAPE_TIMEOUT
+# seconds of socket silence at most, and past MAX_SCRAPES at once a new one is closed unanswered.
+MAX_SCRAPES = 8
+SCRAPE_TIMEOUT = 5.0
+
+
 class _Quiet(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:    # noqa: A002 - the base class's name
         pass            # a scrape every few seconds is not worth a log line
 
@@ -41,6 +53,30 @@ class _Quiet(WSGIRequestHandler):
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)      # MAX_SCRAPES busy already: refuse, hold nothing
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass            # a client gone or silent past the timeout: no traceback in the log
 
 
 class Endpoint:
