@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -18,6 +19,7 @@ from relaymilter.address.resolve import Resolved
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.recipients import LOOKUP_FAILED, check, query
 from relaymilter.store import recipients as rmod
+from relaymilter.store.localfiles import read_list
 from relaymilter.store.recipients import LocalRecipients
 
 
@@ -132,3 +134,28 @@ def test_thousands_of_included_files_are_a_451_not_thousands_of_stats_per_rcpt(t
     assert len(lines) == 1 and "more than 1000 files" in lines[0], lines
     wide.write_text("".join(":include:%s\n" % (home / ("f%d" % i)) for i in range(990)))
     assert rec.lookup(("alice",), "local.test") == "aliases"
+
+
+def test_a_list_rewritten_while_it_is_read_is_not_trusted(tmp_path, settled):
+    """`generate > users` finishing while the milter's thread is held up between its read and its stat.
+
+    The reader got the half-written list; the stat then sees the finished one,
+    long enough ago to look settled. A user of the finished list must not get
+    550 from the half that was read: 451 until the next lookup reads it again.
+    """
+    users = tmp_path / "users"
+    users.write_text("alice\n")                  # the writer is half way: bob is not written yet
+
+    def held_up_reader(path: str):
+        table = read_list(path)
+        users.write_text("alice\nbob\n")         # the writer finishes meanwhile
+        old = time.time() - 5                    # ... long enough ago that the file looks settled
+        os.utime(users, (old, old))
+        return table
+
+    rec = LocalRecipients()
+    rec.sources = (rmod.TextSource("list", str(users), held_up_reader),)
+    q = query(Resolved("bob", "local.test"))
+    assert check(q, rec.snapshot().lookup).decision == LOOKUP_FAILED     # not 550: the read was half a file
+    rec.sources[0]._reader = read_list
+    assert rec.lookup(("bob",), "local.test") == "list"

@@ -23,7 +23,8 @@ DESCRIPTION
     from this one), and meanwhile an *unknown* answer from it is
     tempfailed rather than refused: the file may have been read half
     written (a list rewritten with ``>``), and a known user must never get
-    a 550 for it. Write lists by rename to avoid the window altogether.
+    a 550 for it; the same for a file that changed while it was read.
+    Write lists by rename to avoid the window altogether.
 
     maps are Berkeley DB hash files (makemap hash, postmap hash:, either
     NUL style) read the same way: every key, under flock(LOCK_SH) as
@@ -188,13 +189,17 @@ class TextSource:
 
     def _load(self) -> Any:
         previous = self._state
+        # The files as they were before the read: one that changed while it was read (a list
+        # rewritten in place, this thread held up between its read and its stat) is read again.
+        before = {f: _sig(f) for f in (previous[0] if previous is not None else (self.path,))}
         try:
             table: Any = self._reader(self.path)
             files = table.files
         except SourceError as exc:
             table, files = str(exc), exc.files or (self.path,)
         sigs = tuple(_sig(f) for f in files)
-        self._state = (files, sigs, _settled(sigs), table)
+        steady = all(before.get(f, sig) == sig for f, sig in zip(files, sigs))
+        self._state = (files, sigs, steady and _settled(sigs), table)
         if isinstance(table, str):
             if previous is None or previous[1] != sigs or not self._failed:
                 log.error("local recipients %s %s: %s; its users get 451 until it is fixed", self.kind, self.path, table)
