@@ -315,9 +315,11 @@ class Supervisor:
     # ------------------------------------------------------------ reload
 
     def _reload(self) -> None:
-        from relaymilter.worker import frame
-
         try:
+            # Imported here, inside the try: a reload that cannot even open a module (out of
+            # descriptors) fails like any other, and the supervisor goes on.
+            from relaymilter.worker import frame
+
             config = self.load()
             message = frame(config)
         except ConfigError as exc:
