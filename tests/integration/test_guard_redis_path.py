@@ -125,11 +125,12 @@ def test_first_relayed_recipient_is_one_call_counting_only_listed_clients(rig: R
         assert relay(other, 2) == [Milter.REJECT] * 2
         assert rig.asked() == {"relayers": 0, "guard": 1}
         assert "rule=default_reject" in rig.log()[-1] and "user=" not in rig.log()[-1]
-    assert rig.usage() == {("alice", "recipients"): 3, ("alice", "messages"): 1, ("alice", "addresses"): 1}
+    # A POP user's relaying adds no address (relaymilter-popwatch counted the login).
+    assert rig.usage() == {("alice", "recipients"): 3, ("alice", "messages"): 1}
     # Every counter key expires an hour (and a minute) after its minute's first use.
     client = rig.holder.current.guard.store.relay.client
     keys = [k for k in client.scan_iter(match="relaymilter:relay-guard:*") if b":u:" not in k]
-    assert len(keys) == 3 and all(3600 < client.ttl(k) <= 3660 for k in keys), keys
+    assert len(keys) == 2 and all(3600 < client.ttl(k) <= 3660 for k in keys), keys
 
 
 def test_limit_and_suspension_answered_by_the_folded_call(rig: Rig) -> None:
@@ -183,3 +184,17 @@ def test_counters_refused_or_down_relay_permission_still_decided_and_counted_onc
     assert again.replies[-1][:2] == ("451", "4.3.0")
     assert "rule=relayers_unavailable" in rig.log()[-1]
     assert rig.asked()["guard"] == 1
+
+
+def test_an_auth_users_addresses_counted_and_the_whole_transaction_refused_over(rig: Rig) -> None:
+    rig.configure("limits: {addresses_per_hour: 2}\n")
+    got = []
+    for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
+        conn = Conn(rig.holder, ip)
+        conn.mail("<a@example.net>", "dave")
+        got.append(relay(conn, 2))
+    assert got == [[Milter.CONTINUE] * 2] * 2 + [[Milter.TEMPFAIL] * 2]
+    assert "user=dave count=3 rule=addresses_per_hour" in rig.log()[-1]
+    assert rig.usage() == {("dave", "recipients"): 4, ("dave", "messages"): 2, ("dave", "addresses"): 3}
+    client = rig.holder.current.guard.store.relay.client
+    assert 3600 < client.ttl(b"relaymilter:relay-guard:a:dave") <= 3660

@@ -192,3 +192,20 @@ def test_an_auth_session_without_connect_is_limited_too(m: Milter_) -> None:
     conn.mail("<a@example.net>", "frank")
     assert relay(conn, 3) == [Milter.CONTINUE, Milter.CONTINUE, Milter.TEMPFAIL]
     assert "user=frank count=2 rule=recipients_per_hour" in m.log()[-1]
+
+
+def test_addresses_per_hour_counts_the_addresses_of_auth_sessions(m: Milter_) -> None:
+    m.configure("limits: {addresses_per_hour: 2, suspend_minutes: 10}\n")
+    got = []
+    for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.1", "198.51.100.3"):
+        conn = Conn(m.holder, ip)
+        conn.mail("<a@example.net>", "dave")
+        got.append(relay(conn, 2))
+    assert got == [[Milter.CONTINUE] * 2] * 3 + [[Milter.TEMPFAIL] * 2]
+    assert "user=dave count=3 rule=addresses_per_hour" in m.log()[-2]
+    assert HostGuardStore(m.db).suspension("dave", time.time()) is not None
+    # A POP user's relaying adds no address: relaymilter-popwatch counted the login that listed it.
+    conn = Conn(m.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 1) == [Milter.CONTINUE]
+    assert ("alice", "addresses") not in {(u.identity, u.family) for u in HostGuardStore(m.db).usage(time.time())}

@@ -14,8 +14,11 @@ DESCRIPTION
     Limits (``limits:``; absent: none), over a sliding hour in one-minute
     steps: recipients_per_hour and messages_per_hour per identity;
     addresses_per_hour per user (one user seen from more than N addresses -
-    a stolen password's signature). Over a limit: 451 4.7.1 Relaying limit
-    exceeded (rule recipients_per_hour, messages_per_hour or
+    a stolen password's signature). A user is seen from an address at each
+    POP/IMAP login relaymilter-popwatch records and at each SMTP AUTH
+    transaction that relays; a POP user's relaying adds nothing to that
+    (the watcher saw the login that listed the address). Over a limit:
+    451 4.7.1 Relaying limit exceeded (rule recipients_per_hour, messages_per_hour or
     addresses_per_hour), nothing counted; with suspend_minutes the identity
     is suspended as well: its addresses are removed from the relayers map
     and its relaying is refused (451 4.7.1 Relaying suspended, rule
@@ -134,7 +137,7 @@ class Txn:
     def __init__(self) -> None:
         self.identity: Optional[str] = None
         self.counted = False            # the message is counted (at its first relayed recipient)
-        self.seen = False               # the client address is recorded for the user this transaction
+        self.seen = False               # the client address is recorded for the AUTH user this transaction
 
 
 def _note(identity: Optional[str]) -> str:
@@ -245,7 +248,8 @@ class Guard:
         add = _NEXT if txn.counted else _FIRST
         # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
-                            now=now, see="addresses" in self.table and not txn.seen and bool(address), force=warn,
+                            now=now, see=bool(auth) and "addresses" in self.table and not txn.seen and bool(address),
+                            force=warn,
                             held=txn.identity is None)
         try:
             outcome = self.store.gate(ask)
@@ -271,7 +275,7 @@ class Guard:
             return None             # counted as unavailable by the caller's at_rcpt()
         assert self.store is not None
         ask = self.make_ask(address=address, identity=None, add=_FIRST, limits=self.table, now=now,
-                            see="addresses" in self.table, force=warn, held=True, listed_since=since)
+                            see=False, force=warn, held=True, listed_since=since)
         try:
             outcome = self.store.gate(ask)
         except StoreUnavailable as exc:
@@ -293,8 +297,10 @@ class Guard:
             return self._refuse(SUSPENDED, note, warn)
         charge = outcome.charge
         assert charge is not None
-        txn.seen = True
         over = charge.over
+        # Over addresses_per_hour: the address is asked about again at the next recipient, which is
+        # refused the same way (otherwise the rest of the transaction would pass unasked).
+        txn.seen = over != "addresses"
         if over is None or warn:
             txn.counted = True
         if over is None:
