@@ -22,7 +22,7 @@ from relaymilter import adapter
 from relaymilter.config import load_config
 from relaymilter.decisionlog import DecisionLog
 from relaymilter.store.guard import open_guard_store
-from relaymilter.store.guardredis import GATE
+from relaymilter.store.guardredis import COUNT, GATE
 from relaymilter.store.relayers import open_relay_store
 
 from redisproc import RedisServer
@@ -56,7 +56,8 @@ class Rig:
                        % (self.url, self.tmp / "spammers.db", extra))
         self.holder = adapter.RuntimeHolder(adapter.Runtime(load_config(str(cfg))), self.decisions)
         rt = self.holder.current
-        rt.guard.store.relay.client.script_load(GATE)      # as after a first call (EVALSHA, then EVAL)
+        for script in (GATE, COUNT):        # as after a first call of each (EVALSHA, then EVAL)
+            rt.guard.store.relay.client.script_load(script)
         self._count(rt.relayers._lookups, "get", "relayers")
         self._count(rt.guard.store, "_call", "guard")
         return rt
@@ -157,9 +158,12 @@ def test_warn_mode_counts_through_the_folded_call(rig: Rig) -> None:
     conn = Conn(rig.holder, POP)
     for _ in range(2):
         conn.mail("<a@example.net>")
-        assert relay(conn, 1) == [Milter.CONTINUE]
-    assert "would reject: RCPT" in rig.log()[-1] and "rule=recipients_per_hour" in rig.log()[-1]
-    assert rig.usage()[("alice", "recipients")] == 2
+        assert relay(conn, 2) == [Milter.CONTINUE] * 2
+    # Counted all the same: the count after each (the second transaction's first recipient is GATE's, its
+    # second COUNT's).
+    assert "would reject: RCPT" in rig.log()[-2] and "count=3 rule=recipients_per_hour" in rig.log()[-2]
+    assert "would reject: RCPT" in rig.log()[-1] and "count=4 rule=recipients_per_hour" in rig.log()[-1]
+    assert rig.usage()[("alice", "recipients")] == 4
 
 
 def test_counters_refused_or_down_relay_permission_still_decided_and_counted_once(rig: Rig) -> None:

@@ -21,7 +21,8 @@ DESCRIPTION
     gate() is one Lua script (GATE): at a listed client's first relayed
     recipient the relayers lookup too (store.guard: folds_relay_lookup),
     then identity, suspension, the hour's counts and the increments, in one
-    atomic step and one round trip, sent on
+    atomic step and one round trip; a transaction's later recipients, whose
+    identity and suspension are known, run the smaller COUNT, sent on
     connections of the store's own like the relayers lookups (see
     store.redis._LookupConnections); a server that has lost the script
     (restart, SCRIPT FLUSH) gets it again. The hour is a sliding window in
@@ -137,6 +138,31 @@ return table.concat(out, '\0')
 """
 GATE_SHA = hashlib.sha1(GATE.encode("ascii")).hexdigest()
 
+# A transaction's later relayed recipient (identity known, suspension and address answered at
+# its first): only the recipients count, about half GATE's cost on the server. ARGV: the counter
+# key, the epoch minute, n, the limit (-1: none), force ('1': count even over the limit). The
+# answer: {1 if over the limit else 0, the count after (before, when over and not forced)}.
+COUNT = """
+local k, minute, n, lim = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local vals = redis.call('HGETALL', k)
+local total = 0
+for j = 1, #vals, 2 do
+  if tonumber(vals[j]) > minute - 60 then
+    total = total + tonumber(vals[j + 1])
+  else
+    redis.call('HDEL', k, vals[j])
+  end
+end
+local over = 0
+if lim >= 0 and total + n > lim then
+  if ARGV[5] ~= '1' then return {1, total} end
+  over = 1
+end
+if redis.call('HINCRBY', k, minute, n) == n then redis.call('EXPIRE', k, 3660) end
+return {over, total + n}
+"""
+COUNT_SHA = hashlib.sha1(COUNT.encode("ascii")).hexdigest()
+
 
 def guard_prefix(prefix: str) -> str:
     """The guard's key prefix for a map prefix: beside it, never under it."""
@@ -165,6 +191,7 @@ class RedisGuardStore:
         # pack all five at every call, a good part of the milter's cost of counting).
         self._gate_head = b"*5\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n$%d\r\n%s\r\n" % (
             GATE_SHA.encode("ascii"), len(self._g), self._g)
+        self._count_head = b"*8\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % COUNT_SHA.encode("ascii")
 
     folds_relay_lookup = True
 
@@ -202,6 +229,8 @@ class RedisGuardStore:
     # -- the milter's call ------------------------------------------------------------------
 
     def gate(self, ask: Ask) -> Outcome:
+        if ask.identity is not None and not ask.held and not ask.see and len(ask.add) == 1 and "recipients" in ask.add:
+            return self._count(ask, ask.identity)
         limits = ask.limits
         since = ask.listed_since
         fields = [ask.identity or "", ask.address, "%d" % ask.now, "1" if ask.see else "0", "1" if ask.force else "0",
@@ -226,6 +255,22 @@ class RedisGuardStore:
             return Outcome(identity, user, parse_suspension(identity, held), None, stamp)
         counts = {_s(parts[i]): int(parts[i + 1]) for i in range(5, len(parts) - 1, 2)}
         return Outcome(identity, user, None, Charge(_s(over) or None, counts), stamp)
+
+    def _count(self, ask: Ask, identity: str) -> Outcome:
+        """gate() for a transaction's later recipient: the recipients count alone (COUNT)."""
+        n = ask.add["recipients"]
+        args = (self._g + b"c:recipients:" + identity.encode("utf-8", "surrogateescape"), b"%d" % (int(ask.now) // 60),
+                b"%d" % n, b"%d" % ask.limits.get("recipients", -1), b"1" if ask.force else b"0")
+        try:
+            try:
+                over, count = self._call(packed=self._count_head + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
+                                                                             for a in args))
+            except rexc.NoScriptError:
+                over, count = self._call("EVAL", COUNT, 0, *args)
+        except (rexc.RedisError, OSError) as exc:
+            raise self._fail("count", exc) from None
+        return Outcome(identity, identity != ask.address, None, Charge("recipients" if over else None,
+                                                                       {"recipients": int(count)}))
 
     # -- users ---------------------------------------------------------------------------------
 
