@@ -14,7 +14,8 @@ from berkeleydb import db
 from relaymilter import replies
 from relaymilter.errors import StoreUnavailable
 from relaymilter.policy.decision import Reject, TempFail
-from relaymilter.store.bdb import RACY_NS, write_map
+from relaymilter.store.bdb import write_map
+from relaymilter.store.bdbbase import RACY_NS
 from relaymilter.store.spammers import SpammersMap, write_db
 
 LOGGER = "relaymilter.store.spammers"

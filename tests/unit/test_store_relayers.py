@@ -13,7 +13,7 @@ import pytest
 from berkeleydb import db as bdb
 
 from relaymilter.errors import StoreUnavailable
-from relaymilter.store import bdb as storebdb
+from relaymilter.store import bdbbase as storebdb
 from relaymilter.store import mapreader
 from relaymilter.store.relayers import BDBRelayStore, open_relay_store, parse_ticks
 

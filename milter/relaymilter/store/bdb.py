@@ -39,6 +39,9 @@ DESCRIPTION
     to the clock once writes slow down; nothing compares it with the clock
     but MapReader, which treats a future mtime as settled.
 
+    What readers and writers share (the module, flock with a deadline, the
+    key styles, the wording of errors) is store.bdbbase.
+
     Every write first passes store.fileguard: trusted symlinks only, regular
     files only, whole hash databases only, and the blocks it may need
     allocated before the file is touched (a full disk refuses the write and
@@ -61,82 +64,16 @@ import fcntl
 import logging
 import os
 import secrets
-import time
 from typing import Callable, Iterator, Optional
-
-try:
-    from berkeleydb import db
-except ModuleNotFoundError:  # Debian 12 packages the same module as bsddb3 (python3-bsddb3)
-    from bsddb3 import db  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store import fileguard
+from relaymilter.store.bdbbase import (CREATE_MODE, by_fd, db, flock_wait, get_both_styles, key_has_nul, strip_nul,
+                                       unavailable)
 
 log = logging.getLogger("relaymilter.store")
 
-LOCK_WAIT = 30.0            # seconds a writer waits for a flock
-READ_WAIT = 2.0             # seconds a lookup waits, well inside the MTA's milter timeout (10 s)
-RACY_NS = 100_000_000       # file mtimes closer than this to "now" are not trusted
-CREATE_MODE = 0o644
 RESERVE_SLACK = 8 << 10     # bytes reserved past the end beyond what a write says it adds
-
-
-def _fail(path: str, what: str, exc: BaseException) -> StoreUnavailable:
-    detail = exc.args[-1] if isinstance(exc, db.DBError) and exc.args else exc
-    if isinstance(exc, OSError) and exc.strerror:
-        detail = exc.strerror
-    return StoreUnavailable("%s: cannot %s: %s" % (path, what, detail))
-
-
-def flock_wait(fd: int, how: int, path: str, wait: float = LOCK_WAIT, budget: Optional[float] = None) -> None:
-    """flock(fd, how) with a bounded wait; StoreUnavailable after *wait* seconds.
-
-    The message names *budget* (the whole allowance, of which *wait* may be
-    what is left) in milliseconds.
-    """
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    deadline = time.monotonic() + wait
-    pause = 0.0005
-    while True:
-        try:
-            fcntl.flock(fd, how | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable("%s: lock not obtained in %d ms"
-                                       % (path, round((wait if budget is None else budget) * 1000))) from None
-            time.sleep(pause)
-            # flock has no queue: a lookup with a deadline polls often, or a
-            # stream of writers could keep it out for its whole budget.
-            pause = min(pause * 2, 0.02 if budget is None else 0.002)
-
-
-def strip_nul(raw: bytes) -> bytes:
-    return raw[:-1] if raw.endswith(b"\0") else raw
-
-
-def key_has_nul(handle: db.DB) -> Optional[bool]:
-    """True/False for the NUL style of the file's first key; None when empty."""
-    cur = handle.cursor()
-    try:
-        first = cur.first()
-    finally:
-        cur.close()
-    if first is None:
-        return None
-    return first[0].endswith(b"\0")
-
-
-def get_both_styles(handle: db.DB, key: bytes) -> Optional[bytes]:
-    """Look *key* up makemap style, then postmap style (with a trailing NUL)."""
-    value = handle.get(key)
-    if value is None:
-        value = handle.get(key + b"\0")
-    return None if value is None else strip_nul(value)
 
 
 class WriteTxn:
@@ -248,14 +185,8 @@ class WriteTxn:
             done += os.pwrite(self.fd, data[done:done + (1 << 20)], done)
         os.ftruncate(self.fd, len(data))
         self.handle = db.DB()
-        self.handle.open(_by_fd(self.fd, self.path), dbtype=db.DB_HASH)
+        self.handle.open(by_fd(self.fd, self.path), dbtype=db.DB_HASH)
         return True
-
-
-def _by_fd(fd: int, path: str) -> str:
-    """A name that opens the very file *fd* is open on (so Berkeley DB cannot be handed another)."""
-    proc = "/proc/self/fd/%d" % fd
-    return proc if os.path.exists(proc) else path
 
 
 def _fsync_dir(path: str) -> None:
@@ -291,11 +222,11 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
         except FileNotFoundError as exc:
             if create:
                 continue            # removed again between our link() and open(): make it anew
-            raise _fail(path, "open for writing", exc) from None
+            raise unavailable(path, "open for writing", exc) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise StoreUnavailable("%s: is a symlink: refused" % real) from None
-            raise _fail(path, "open for writing", exc) from None
+            raise unavailable(path, "open for writing", exc) from None
         try:
             flock_wait(fd, fcntl.LOCK_EX, path)
             # Someone may have renamed a new file over the path while we waited:
@@ -319,9 +250,9 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
                 done = True
                 fileguard.release(fd)
             except db.DBError as exc:
-                raise _fail(path, "update", exc) from None
+                raise unavailable(path, "update", exc) from None
             except OSError as exc:
-                raise _fail(path, "update", exc) from None
+                raise unavailable(path, "update", exc) from None
             finally:
                 if not done:
                     with contextlib.suppress(db.DBError):   # keep the first error, not close()'s
@@ -337,7 +268,7 @@ def write_map(path: str, create: bool = True, grow: Optional[int] = None) -> Ite
                 if not existed:
                     _fsync_dir(real)
             except OSError as exc:
-                raise _fail(path, "sync to disk", exc) from None
+                raise unavailable(path, "sync to disk", exc) from None
             return
         finally:
             os.close(fd)
@@ -360,14 +291,14 @@ def _create_whole(real: str, path: str) -> Optional[os.stat_result]:
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, CREATE_MODE)
     except OSError as exc:
-        raise _fail(path, "create", exc) from None
+        raise unavailable(path, "create", exc) from None
     try:
         handle = db.DB()
         try:
-            handle.open(_by_fd(fd, tmp), dbtype=db.DB_HASH, flags=db.DB_CREATE)
+            handle.open(by_fd(fd, tmp), dbtype=db.DB_HASH, flags=db.DB_CREATE)
             handle.sync()
         except db.DBError as exc:
-            raise _fail(path, "create", exc) from None
+            raise unavailable(path, "create", exc) from None
         finally:
             handle.close()
         try:
@@ -377,7 +308,7 @@ def _create_whole(real: str, path: str) -> Optional[os.stat_result]:
         except FileExistsError:
             return None
         except OSError as exc:
-            raise _fail(path, "create", exc) from None
+            raise unavailable(path, "create", exc) from None
         return made
     finally:
         os.close(fd)
@@ -397,16 +328,16 @@ def _open_txn(fd: int, real: str, path: str, create: bool, grow: Optional[int], 
             fileguard.reserve(fd, path, size + 4 * (grow or 0) + RESERVE_SLACK)
         handle = db.DB()
         try:
-            handle.open(_by_fd(fd, real), dbtype=db.DB_HASH, flags=db.DB_CREATE if create else 0)
+            handle.open(by_fd(fd, real), dbtype=db.DB_HASH, flags=db.DB_CREATE if create else 0)
         except db.DBError as exc:
             handle.close()
-            raise _fail(path, "open as a hash database", exc) from None
+            raise unavailable(path, "open as a hash database", exc) from None
         txn = WriteTxn(handle, False, real, fd)
         try:
             txn.nul = bool(key_has_nul(handle))
         except db.DBError as exc:
             handle.close()
-            raise _fail(path, "read", exc) from None
+            raise unavailable(path, "read", exc) from None
         return txn
     except StoreUnavailable:
         _undo_reserve(fd, real, existed, before)
@@ -440,16 +371,16 @@ def read_items(path: str) -> list[tuple[bytes, bytes]]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise _fail(path, "open", exc) from None
+        raise unavailable(path, "open", exc) from None
     try:
         flock_wait(fd, fcntl.LOCK_SH, path)
         fileguard.check_header(fd, path)
         handle = db.DB()
         try:
-            handle.open(_by_fd(fd, path), dbtype=db.DB_HASH, flags=db.DB_RDONLY)
+            handle.open(by_fd(fd, path), dbtype=db.DB_HASH, flags=db.DB_RDONLY)
             return list(WriteTxn(handle, False).items())
         except db.DBError as exc:
-            raise _fail(path, "read as a hash database", exc) from None
+            raise unavailable(path, "read as a hash database", exc) from None
         finally:
             with contextlib.suppress(db.DBError):
                 handle.close()
@@ -458,4 +389,6 @@ def read_items(path: str) -> list[tuple[bytes, bytes]]:
 
 
 # The milter's reader lives in its own module; kept importable from here.
-from relaymilter.store.mapreader import MapReader  # noqa: E402,F401
+from relaymilter.store.mapreader import MapReader  # noqa: E402
+
+__all__ = ["MapReader", "WriteTxn", "read_items", "write_map"]

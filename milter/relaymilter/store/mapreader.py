@@ -40,7 +40,7 @@ from typing import Any, Callable, Hashable, Optional
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store import fileguard
-from relaymilter.store.bdb import RACY_NS, READ_WAIT, _by_fd, _fail, db, flock_wait, get_both_styles
+from relaymilter.store.bdbbase import RACY_NS, READ_WAIT, by_fd, db, flock_wait, get_both_styles, unavailable
 
 log = logging.getLogger("relaymilter.store")
 
@@ -148,7 +148,7 @@ class MapReader:
                     self._missing_logged = True
                 return None
             except OSError as exc:
-                raise _fail(self.path, "stat", exc) from None
+                raise unavailable(self.path, "stat", exc) from None
         self._missing_logged = False
         fileguard.refuse_odd(self.path, st)
         if self._fd is None or self._ident != (st.st_dev, st.st_ino):
@@ -159,7 +159,7 @@ class MapReader:
             except FileNotFoundError:
                 return None
             except OSError as exc:
-                raise _fail(self.path, "open", exc) from None
+                raise unavailable(self.path, "open", exc) from None
             opened = os.fstat(self._fd)
             self._ident = (opened.st_dev, opened.st_ino)
         wait = READ_WAIT if deadline is None else max(0.0, deadline - time.monotonic())
@@ -175,11 +175,11 @@ class MapReader:
                 fileguard.check_header(self._fd, self.path)
                 handle = db.DB()
                 try:
-                    handle.open(_by_fd(self._fd, self.path), dbtype=db.DB_HASH, flags=db.DB_RDONLY | db.DB_THREAD)
+                    handle.open(by_fd(self._fd, self.path), dbtype=db.DB_HASH, flags=db.DB_RDONLY | db.DB_THREAD)
                 except db.DBError as exc:
                     handle.close()
                     self._sig = None
-                    raise _fail(self.path, "read as a hash database", exc) from None
+                    raise unavailable(self.path, "read as a hash database", exc) from None
                 self._handle = handle
                 self._sig = sig
                 if sig != self._opened:
@@ -192,6 +192,6 @@ class MapReader:
             except db.DBError as exc:
                 self._handle.close()
                 self._handle = None
-                raise _fail(self.path, "read", exc) from None
+                raise unavailable(self.path, "read", exc) from None
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -18,7 +18,7 @@ DESCRIPTION
     file. Each lookup stats the files (for aliases, with every :include:
     file read) and compares device, inode, size, mtime and ctime with what
     was read: a change is seen by the first lookup after it, as relayers.db
-    is. A file changed less than bdb.RACY_NS before it was read is read
+    is. A file changed less than bdbbase.RACY_NS before it was read is read
     again at the next lookup (its time stamp cannot tell a later write
     from this one), and meanwhile an *unknown* answer from it is
     tempfailed rather than refused: the file may have been read half
@@ -61,7 +61,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.address.tokens import ascii_lower
-from relaymilter.store.bdb import RACY_NS, read_items
+from relaymilter.store.bdb import read_items
+from relaymilter.store.bdbbase import RACY_NS
 from relaymilter.store.localfiles import AliasNames, Keys, SourceError, UserList, keys_of, read_aliases, read_list
 
 log = logging.getLogger("relaymilter.store.recipients")

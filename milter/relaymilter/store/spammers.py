@@ -28,7 +28,7 @@ DESCRIPTION
     SpammersMap is the milter's long-lived reader. It keeps the whole list
     in memory as a frozenset, read under flock(LOCK_SH) whenever the file
     changes (one stat per lookup: inode, size, mtime, ctime; a file changed
-    less than bdb.RACY_NS before it was read is read again). Why not answer
+    less than bdbbase.RACY_NS before it was read is read again). Why not answer
     from the live file through bdb.MapReader: (1) the last good list must
     survive a corrupt file (README), and a corrupt file is often the
     *same* inode (makemap and `>` rewrite in place, a disk error damages a
@@ -68,7 +68,7 @@ from typing import Iterable, Iterator, Optional
 from relaymilter.errors import StoreUnavailable
 from relaymilter.address.resolve import ascii_lower
 from relaymilter.store import fileguard
-from relaymilter.store.bdb import CREATE_MODE, RACY_NS, _by_fd, db, flock_wait  # db: berkeleydb or bsddb3
+from relaymilter.store.bdbbase import CREATE_MODE, RACY_NS, by_fd, db, flock_wait  # db: berkeleydb or bsddb3
 from relaymilter.store.spammerslist import (  # noqa: F401 - re-exported: the parser's public names
     SpammersSourceError,
     SpammersSyntaxError,
@@ -77,7 +77,7 @@ from relaymilter.store.spammerslist import (  # noqa: F401 - re-exported: the pa
     read_source,
     split_words,
 )
-from relaymilter.store.bdb import _fail as _unavailable    # one wording for store errors
+from relaymilter.store.bdbbase import unavailable as _unavailable    # one wording for store errors
 
 log = logging.getLogger("relaymilter.store.spammers")
 
@@ -260,7 +260,7 @@ def _read_keys(path: str) -> _Snapshot:
         fileguard.check_header(fd, path)
         handle = db.DB()
         try:
-            handle.open(_by_fd(fd, path), dbtype=db.DB_HASH, flags=db.DB_RDONLY)
+            handle.open(by_fd(fd, path), dbtype=db.DB_HASH, flags=db.DB_RDONLY)
             raw = handle.keys()
         except db.DBError as exc:
             raise _unavailable(path, "read as a hash database", exc) from None
