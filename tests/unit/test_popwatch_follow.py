@@ -13,7 +13,8 @@ from typing import Callable
 
 import pytest
 
-from relaymilter.popwatch.follow import Follower, LineBuffer
+from relaymilter.popwatch.follow import Follower
+from relaymilter.popwatch.lines import LineBuffer
 
 MODES = [pytest.param(True, id="inotify"), pytest.param(False, id="poll")]
 

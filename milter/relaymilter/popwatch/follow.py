@@ -20,7 +20,8 @@ DESCRIPTION
       before the old offset are the ones last read.
     - A file removed and created again is picked up from its start.
     - Partial lines are buffered until their newline; lines longer than
-      max_line are skipped and counted, the buffer never grows past it.
+      max_line are skipped and counted, the buffer never grows past it
+      (popwatch.lines.LineBuffer).
     - One read() takes at most BURST_MAX bytes of a file; ``behind`` then
       says that more is waiting (the watcher holds its writes a little
       while it catches up, see service.py).
@@ -43,7 +44,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import stat
 import select
 import time
@@ -52,106 +52,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from relaymilter.popwatch.inotify import DIR_MASK, FILE_MASK, Inotify
+from relaymilter.popwatch.lines import BURST_MAX, MAX_LINE, READ_SIZE, Chunk, LineBuffer
 
 log = logging.getLogger("relaymilter.popwatch")
 
-MAX_LINE = 16384
-READ_SIZE = 1 << 20
-BURST_MAX = 16 << 20
 DRAIN_IDLE = 5.0
-_NULS_AT_LINE_START = re.compile(rb"\n\0+")
 SAFETY_POLL = 1.0
 FALLBACK_POLL = 0.05
 SIGNATURE = 256
 
 Positioner = Callable[[str, int, int], int]     # (path, fd, size) -> start offset
-
-
-@dataclass
-class Chunk:
-    """Complete lines read from one file; backlog: they were in the file before we started."""
-
-    path: str
-    data: bytes
-    backlog: bool = False
-    # Journal lines from senders popwatch.journal_senders does not accept: (where a line starts, who sent it).
-    senders: Optional[list[tuple[int, str]]] = None
-
-
-class LineBuffer:
-    """Cuts a byte stream into complete lines; holds the partial tail; skips overlong lines."""
-
-    def __init__(self, max_line: int = MAX_LINE) -> None:
-        self.max_line = max_line
-        self.partial = b""
-        self.discarding = False
-        self.overlong = 0
-
-    def reset(self) -> None:
-        self.partial = b""
-        self.discarding = False
-
-    def feed(self, data: bytes) -> bytes:
-        """The complete lines (each ending in a newline) that *data* finishes."""
-        if self.discarding:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return b""
-            data = data[nl + 1:]
-            self.discarding = False
-        if not self.partial and data[:1] == b"\0":
-            # The hole a copy-truncate leaves when the writer does not use O_APPEND.
-            data = data.lstrip(b"\0")
-        if b"\0" in data:
-            # Such a hole after a complete line: dropped before lines are measured,
-            # so the line written after it counts, however long the hole (the
-            # matcher drops leading NULs too; a NUL inside a line still marks it binary).
-            data = _NULS_AT_LINE_START.sub(b"\n", data)
-        last = data.rfind(b"\n")
-        if last < 0:
-            self.partial += data
-            if len(self.partial) > self.max_line:
-                self.partial = b""
-                self.discarding = True
-                self.overlong += 1
-            return b""
-        # One copy of the lines, not two (a slice, then the concatenation).
-        block = b"".join((self.partial, memoryview(data)[:last + 1])) if self.partial else data[:last + 1]
-        tail = data[last + 1:]
-        self.partial = b""
-        if len(tail) > self.max_line:
-            self.discarding = True
-            self.overlong += 1
-        else:
-            self.partial = tail
-        if len(block) <= self.max_line:
-            return block
-        return self._cap(block)
-
-    def _cap(self, block: bytes) -> bytes:
-        # Every window of max_line+1 bytes starting at a line start must hold a
-        # newline; where one does not, the line there is overlong. Steps are
-        # ~max_line bytes, so this costs a few rfind calls per block, not a loop per line.
-        limit = self.max_line
-        keep: list[bytes] = []
-        start = pos = 0
-        size = len(block)
-        while size - pos > limit:
-            nl = block.rfind(b"\n", pos, pos + limit + 1)
-            if nl >= 0:
-                pos = nl + 1
-                continue
-            end = block.find(b"\n", pos + limit)
-            keep.append(block[start:pos])
-            self.overlong += 1
-            pos = start = end + 1
-        keep.append(block[start:])
-        return b"".join(keep)
-
-    def flush(self) -> bytes:
-        """The unfinished last line as a line (end of a file read once, as in --test)."""
-        tail, self.partial = self.partial, b""
-        return tail + b"\n" if tail else b""
 
 
 @dataclass

@@ -64,7 +64,7 @@ from typing import Iterable, Optional
 
 from relaymilter.decisionlog import printable
 from relaymilter.popwatch.cursor import cursor_time, read_cursor, write_cursor
-from relaymilter.popwatch.follow import BURST_MAX, READ_SIZE, Chunk, LineBuffer
+from relaymilter.popwatch.lines import BURST_MAX, READ_SIZE, Chunk, LineBuffer
 from relaymilter.popwatch.timestamps import TimestampParser
 from relaymilter.popwatchconfig import JournalSender
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional
 
-from relaymilter.popwatch.follow import MAX_LINE, LineBuffer
+from relaymilter.popwatch.lines import MAX_LINE, LineBuffer
 from relaymilter.popwatch.timestamps import TimestampParser
 
 PROBE = 65536

@@ -49,7 +49,8 @@ from typing import Any, Callable, Optional, Union
 from relaymilter.decisionlog import printable
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.policy.limits import Limits
-from relaymilter.popwatch.follow import Chunk, Follower
+from relaymilter.popwatch.follow import Follower
+from relaymilter.popwatch.lines import Chunk
 from relaymilter.popwatch.journal import JournalFollower, journalctl_missing
 from relaymilter.popwatch.logins import LoginGuard
 from relaymilter.popwatch.matcher import Matcher
