@@ -7,7 +7,7 @@ Each name switches one cache off before relaymilter's own main() runs (the
 workers it forks inherit that):
 
   rcpt      Runtime.destination's memo: what a recipient text resolves to
-  answers   relayers.db answers kept per file version (store.bdb.MapReader)
+  answers   relayers.db answers kept per file version (store.mapreader.MapReader)
 
 (relaymilter/runtime.py's header lists the caches and what each was measured
 to be worth; two more, a memo of senders' spammers keys and one of parsed
@@ -23,7 +23,7 @@ import sys
 from relaymilter import runtime
 from relaymilter.cli.milter import main
 from relaymilter.policy.rcpt import destination
-from relaymilter.store import bdb
+from relaymilter.store import mapreader
 
 CACHES = ("rcpt", "answers")
 
@@ -32,7 +32,7 @@ def switch_off(names: set[str]) -> None:
     if "rcpt" in names:
         runtime.Runtime.destination = lambda self, rcpt: destination(self.policy, rcpt)  # type: ignore[method-assign]
     if "answers" in names:
-        bdb.CACHE_MAX = 0       # every answer starts a fresh table: nothing is ever answered from it
+        mapreader.CACHE_MAX = 0     # every answer starts a fresh table: nothing is ever answered from it
 
 
 if __name__ == "__main__":
