@@ -296,16 +296,21 @@ def test_a_reader_never_sees_the_map_half_made(tmp_path):
                     continue
             finally:
                 os.close(fd)
+            store = BDBRelayStore(path)
             try:
-                BDBRelayStore(path).lookup("192.0.2.1")
+                store.lookup("192.0.2.1")
             except StoreUnavailable as exc:
                 seen.append(str(exc))
+            finally:
+                store.close()       # its reader's descriptor: thousands of lookups must not leak thousands
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     try:
         for i in range(300):
-            BDBRelayStore(path).add({"192.0.2.1": 1000 + i})
+            writer = BDBRelayStore(path)
+            writer.add({"192.0.2.1": 1000 + i})
+            writer.close()
             os.unlink(path)
     finally:
         stop.set()
