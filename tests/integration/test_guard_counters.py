@@ -170,3 +170,25 @@ def test_forget(tmp_path: Path) -> None:
     store.forget("judy")
     assert [u for u in store.usage(now) if u.identity == "judy"] == []
     assert store.charge("judy", now, {"recipients": 1}, {}).counts["recipients"] == 1
+
+
+def test_the_whole_file_check_keeps_to_what_os_fstat_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+    import struct
+
+    from relaymilter.store import counters
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1234)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        checked = counters._Examiner(fd)
+        assert checked(fd) == (1234, 1)
+        # Offsets that do not match this machine's struct stat: found out at once, os.fstat used.
+        monkeypatch.setitem(counters._STAT_LAYOUT, platform.machine(), (struct.Struct("<Q"), 0, 8))
+        fallback = counters._Examiner(fd)
+        assert fallback._layout is None and fallback(fd) == (1234, 1)
+        os.unlink(path)
+        assert checked(fd) == (1234, 0) and fallback(fd) == (1234, 0)
+    finally:
+        os.close(fd)

@@ -43,12 +43,13 @@ import fcntl
 import hashlib
 import mmap
 import os
+import platform
 import struct
 import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from relaymilter.errors import StoreUnavailable
 
@@ -97,6 +98,60 @@ def _flock_nb(fd: int, how: int) -> bool:
     if err == errno.EWOULDBLOCK:
         return False
     raise OSError(err, os.strerror(err))
+
+# The check before every update that the file is still whole and still at its path (size and link
+# count: see _locked) is an fstat; os.fstat lets go of the GIL, a thread switch per count as above.
+# libc's fstat through PyDLL keeps it. struct stat differs between architectures: the offsets of
+# st_nlink and st_size here are checked against os.fstat when a file is opened (_Examiner), and
+# where they are not known or do not match, os.fstat is used.
+_STAT_LAYOUT = {"x86_64": (struct.Struct("<Q"), 16, 48), "aarch64": (struct.Struct("<I"), 20, 48)}
+
+
+def _gil_holding_fstat() -> Optional[Callable[[int, Any], int]]:
+    try:
+        func = ctypes.PyDLL(None, use_errno=True).fstat
+    except (OSError, AttributeError):
+        return None
+    func.argtypes, func.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_int
+    return func
+
+
+_FSTAT = _gil_holding_fstat()
+_I64 = struct.Struct("<q")
+
+
+class _Examiner:
+    """(size, link count) of an open file: libc's fstat with the GIL held where checked, else os.fstat."""
+
+    def __init__(self, fd: int) -> None:
+        self._buf = ctypes.create_string_buffer(512)
+        layout = _STAT_LAYOUT.get(platform.machine())
+        self._layout = layout if _FSTAT is not None and layout is not None else None
+        if self._layout is not None:
+            st = os.fstat(fd)
+            try:
+                fast = self._fast(fd)
+            except OSError:
+                fast = None
+            if fast != (st.st_size, st.st_nlink):
+                self._layout = None
+
+    def _fast(self, fd: int) -> tuple[int, int]:
+        assert _FSTAT is not None and self._layout is not None
+        if _FSTAT(fd, self._buf) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        links, at_links, at_size = self._layout
+        return _I64.unpack_from(self._buf, at_size)[0], links.unpack_from(self._buf, at_links)[0]
+
+    def __call__(self, fd: int) -> tuple[int, int]:
+        return self._fast(fd) if self._layout is not None else _os_examine(fd)
+
+
+def _os_examine(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_nlink
+
 
 _HEADER = struct.Struct("<8sIII")          # magic, slots, slot size, minutes
 _SLOT_HEAD = struct.Struct("<QIBB2x")      # hash, last minute, family, key length
@@ -187,6 +242,7 @@ class CounterFile:
         self._pid = 0
         self._fd: Optional[int] = None
         self._map: Optional[mmap.mmap] = None
+        self._examine: Callable[[int], tuple[int, int]] = _os_examine     # _Examiner once a file is open
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -264,6 +320,7 @@ class CounterFile:
             os.close(fd)
             raise
         self._fd, self._pid = fd, os.getpid()
+        self._examine = _Examiner(fd)
         return self._map
 
     def _locked(self, how: int) -> Optional[mmap.mmap]:
@@ -279,11 +336,11 @@ class CounterFile:
             assert self._fd is not None
             self._lock(self._fd, how)
             try:
-                st = os.fstat(self._fd)
+                size, links = self._examine(self._fd)
             except OSError as exc:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 raise self._fail("cannot examine", exc) from None
-            if st.st_size == SIZE and st.st_nlink > 0:
+            if size == SIZE and links > 0:
                 return mm
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._drop()
