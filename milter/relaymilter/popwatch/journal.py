@@ -35,7 +35,9 @@ DESCRIPTION
     starts at that window (readback) or at the present.
 
     If journalctl ends (killed, journal vacuumed under it), it is started
-    again after RESTART_DELAY seconds from the last cursor.
+    again after RESTART_DELAY seconds from the last cursor (from where the
+    first one started when it handed over nothing, the cursor it was given
+    may be the reason).
 
 DIAGNOSTICS
     JournalError when journalctl cannot be started at all (not installed:
@@ -165,7 +167,7 @@ class JournalFollower:
         self._buf = LineBuffer(MAX_ENTRY)
         self._err = b""
         self._started = 0.0
-        self._oldest = 0.0
+        self._since = 0.0               # where to start without a cursor
         self._restart_at: Optional[float] = None
         self._cursor_error = ""
         self._spawned_at_cursor: Optional[str] = None
@@ -183,7 +185,7 @@ class JournalFollower:
             raise JournalError(missing)
         self._probe()
         self._started = time.time()
-        self._oldest = oldest
+        self._since = oldest if readback else self._started
         saved = read_cursor(self.cursor_file) if self.cursor_file else None
         self._saved = saved
         if saved is not None and cursor_time(saved) < oldest:
@@ -191,7 +193,7 @@ class JournalFollower:
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(oldest)))
             saved = None
         self.cursor = saved
-        self._spawn(oldest if readback else self._started)
+        self._spawn(self._since)
 
     def _probe(self) -> None:
         """JournalError when journalctl cannot read the system journal (a missing group): said at start, once."""
@@ -239,7 +241,7 @@ class JournalFollower:
             if self._restart_at is not None and time.monotonic() >= self._restart_at:
                 self.stats["restarts"] += 1
                 try:
-                    self._spawn(self._oldest)
+                    self._spawn(self._since)
                 except JournalError as exc:
                     log.error("%s (retrying in %gs)", exc, RESTART_DELAY)
                     self._restart_at = time.monotonic() + RESTART_DELAY
