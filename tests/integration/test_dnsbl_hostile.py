@@ -39,12 +39,20 @@ class HostileServer:
     """UDP and TCP on 127.0.0.1:<port>; what it does depends on the query name's first label."""
 
     def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
-        self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
+        for _ in range(50):     # a free UDP port whose TCP twin is free too (others test at the same time)
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind(("127.0.0.1", 0))
+            self.port = self.udp.getsockname()[1]
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.tcp.close()
+                self.udp.close()
+        else:
+            raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
         self.tcp.listen(8)
         for sock in (self.udp, self.tcp):
             sock.settimeout(0.05)       # the serving threads look at self.stop this often
