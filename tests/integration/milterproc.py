@@ -13,9 +13,19 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import yaml
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll *cond* until it holds; AssertionError naming *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
 def unix_listening(path: str) -> bool:

@@ -16,28 +16,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from relaymilter.store.bdb import read_items
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from milterproc import ToolProcess  # noqa: E402
+from milterproc import ToolProcess, wait_for  # noqa: E402
 from dovecot import PASSWORD, USER, DovecotServer, imap_from, pop3_login  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 GRACE = 3
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
 @pytest.fixture

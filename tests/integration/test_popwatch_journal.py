@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -37,21 +37,12 @@ from relaymilter.store.bdb import read_items
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dovecot import DovecotServer, pop3_login  # noqa: E402
 from journald import STDOUT, Journald, stream_to_journal  # noqa: E402
-from milterproc import ToolProcess  # noqa: E402
+from milterproc import ToolProcess, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 NOBODY: dict = {"user": 65534, "group": 65534, "extra_groups": [], "cwd": "/"}
 FORGED = "pop3-login: Login: user=<mallory>, method=PLAIN, rip=%s, lip=192.0.2.1, mpid=1, session=<forged>"
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
 
 
 def entries(db: Path) -> dict[str, int]:

@@ -49,6 +49,20 @@ from relaymilter.store.redis import RedisRelayStore, _match_pattern, is_connecte
 
 HOUR_TTL = 3600 + 60
 
+# The hour's count of the counter hash k (fields: epoch minutes) at the epoch minute *minute*,
+# in total; minutes older than the hour are dropped on the way. Both scripts below use it.
+SUM_HOUR = """
+local vals = redis.call('HGETALL', k)
+local total = 0
+for j = 1, #vals, 2 do
+  if tonumber(vals[j]) > minute - 60 then
+    total = total + tonumber(vals[j + 1])
+  else
+    redis.call('HDEL', k, vals[j])
+  end
+end
+"""
+
 # ARGV[1] the guard prefix, ARGV[2] the request as NUL-separated fields (one argument: packing
 # and parsing a dozen arguments would cost the milter more than the call itself): identity or "",
 # address, now, see, force, the addresses limit (-1: none), held, the relayers key or "" (Ask.
@@ -111,16 +125,7 @@ local todo = {}
 for i = 10, #f - 2, 3 do
   local fam, n, lim = f[i], tonumber(f[i + 1]), tonumber(f[i + 2])
   local k = G .. 'c:' .. fam .. ':' .. ident
-  local vals = redis.call('HGETALL', k)
-  local total = 0
-  for j = 1, #vals, 2 do
-    if tonumber(vals[j]) > minute - 60 then
-      total = total + tonumber(vals[j + 1])
-    else
-      redis.call('HDEL', k, vals[j])
-    end
-  end
-  if over == '' and lim >= 0 and total + n > lim then over = fam end
+""" + SUM_HOUR + """  if over == '' and lim >= 0 and total + n > lim then over = fam end
   todo[#todo + 1] = {k, fam, n, total}
 end
 for _, t in ipairs(todo) do
@@ -144,16 +149,7 @@ GATE_SHA = hashlib.sha1(GATE.encode("ascii")).hexdigest()
 # answer: {1 if over the limit else 0, the count after (before, when over and not forced)}.
 COUNT = """
 local k, minute, n, lim = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local vals = redis.call('HGETALL', k)
-local total = 0
-for j = 1, #vals, 2 do
-  if tonumber(vals[j]) > minute - 60 then
-    total = total + tonumber(vals[j + 1])
-  else
-    redis.call('HDEL', k, vals[j])
-  end
-end
-local over = 0
+""" + SUM_HOUR + """local over = 0
 if lim >= 0 and total + n > lim then
   if ARGV[5] ~= '1' then return {1, total} end
   over = 1
