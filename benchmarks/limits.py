@@ -2,7 +2,7 @@
 """Milter throughput with relaying limits on against off, Berkeley DB and Redis, in one run.
 
     python3 benchmarks/limits.py [--concurrency 8] [--seconds 12] [--entries 10000]
-                                 [--clients 10000] [--procs 2] [--rounds 12]
+                                 [--clients 10000] [--procs 2] [--rounds 12] [--pinned]
 
 Method: one map of --entries addresses, in a relayers.db file and in a real
 redis-server on loopback (tests/integration/redisproc.py, no persistence), each
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=10_000, help="distinct clients, half listed (default 10000)")
     p.add_argument("--procs", type=int, default=2, help="generator processes (default 2)")
     p.add_argument("--rounds", type=int, default=12, help="alternating rounds per variant (default 12)")
+    p.add_argument("--pinned", action="store_true", help="every milter with cpu_affinity: auto")
     return p
 
 
@@ -100,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for store, relayers in (("bdb", {"path": str(work / "relayers.db")}), ("redis", {"url": server.url()})):
             for variant, extra in (("off", {}), ("on", {"limits": LIMITS})):
                 name = "%s-%s" % (store, variant)
-                mp = MilterProcess(work / name, {"relayers": relayers, **extra})
+                pinning = {"cpu_affinity": "auto"} if opts.pinned else {}
+                mp = MilterProcess(work / name, {"relayers": relayers, **extra, **pinning})
                 running.append(mp)
                 spec = mp.start().socket
                 neg = load.check_with_harness(spec, kinds[:2])
