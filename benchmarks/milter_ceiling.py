@@ -23,7 +23,7 @@ shared machine hits all alike):
   minimal pymilter     benchmarks/minimal_milter.py --relayers: the same policy in the
                        fewest lines of pymilter, one process
   minimal pymilter w=auto  the same, one process per CPU sharing the socket (--workers):
-                       what any pymilter milter can reach with relaymilter's lever
+                       the same lever as relaymilter's workers, without their work
   relaymilter w=1      the installed relaymilter, workers: 1
   relaymilter w=auto   the installed relaymilter, workers: auto (one per CPU)
   relaymilter pinned   the same with cpu_affinity: auto (worker i on CPU i)
@@ -248,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print("  C=%d: %s %.2fx the minimal pymilter milter forked once per CPU" % (c, name, near))
         if "minimal pymilter w=auto" in res:
             print("  C=%d: the minimal pymilter milter forked once per CPU: %.2fx the C reference, %.2fx its single "
-                  "process (the ceiling of this design here)"
+                  "process (the same lever, without relaymilter's work)"
                   % (c, statistics.median(res["minimal pymilter w=auto"][1]),
                      statistics.median(res["minimal pymilter w=auto"][0]) / statistics.median(res["minimal pymilter"][0])))
     for name in ("relaymilter w=auto", "relaymilter pinned"):
