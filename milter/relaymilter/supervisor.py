@@ -74,11 +74,8 @@ BACKOFF_MAX = 30.0
 
 
 def cpu_count() -> int:
-    """The CPUs this process may run on (what ``workers: auto`` means)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    """How many CPUs this process may run on (what ``workers: auto`` means)."""
+    return len(allowed_cpus()) or max(1, os.cpu_count() or 1)
 
 
 def allowed_cpus() -> list[int]:

@@ -79,6 +79,29 @@ def test_eight_processes_creating_the_file_at_once(tmp_path: Path) -> None:
     assert _count(CounterFile(path), "recipients", "bob") == WRITERS * EACH
 
 
+def test_a_file_caught_between_its_sizing_and_its_header_is_waited_for(tmp_path: Path) -> None:
+    """The creator holds LOCK_EX from fallocate() to its header: another process waits, never calls it foreign."""
+    from relaymilter.store import counters
+
+    path = tmp_path / "relayers-counters"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.posix_fallocate(fd, 0, counters.SIZE)        # full size, header still zeros
+        got: list[object] = []
+        th = threading.Thread(target=lambda: got.append(
+            CounterFile(str(path), lock_wait=10.0).charge("erin", time.time(), {"recipients": 1}, {})))
+        th.start()
+        time.sleep(0.3)
+        os.pwrite(fd, counters._HEADER.pack(counters.MAGIC, counters.SLOTS, counters.SLOT, counters.MINUTES), 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        th.join(10)
+    finally:
+        os.close(fd)
+    assert len(got) == 1 and got[0].over is None      # type: ignore[attr-defined]
+    assert _count(CounterFile(str(path)), "recipients", "erin") == 1
+
+
 def test_limit_is_exact_across_processes(tmp_path: Path) -> None:
     path = str(tmp_path / "relayers-counters")
     limit = 1000            # fewer than the 3200 attempts
@@ -176,17 +199,17 @@ def test_the_whole_file_check_keeps_to_what_os_fstat_says(tmp_path: Path, monkey
     import platform
     import struct
 
-    from relaymilter.store import counters
+    from relaymilter.store import gilcalls
 
     path = tmp_path / "f"
     path.write_bytes(b"x" * 1234)
     fd = os.open(path, os.O_RDONLY)
     try:
-        checked = counters._Examiner(fd)
+        checked = gilcalls.Examiner(fd)
         assert checked(fd) == (1234, 1)
         # Offsets that do not match this machine's struct stat: found out at once, os.fstat used.
-        monkeypatch.setitem(counters._STAT_LAYOUT, platform.machine(), (struct.Struct("<Q"), 0, 8))
-        fallback = counters._Examiner(fd)
+        monkeypatch.setitem(gilcalls.STAT_LAYOUT, platform.machine(), (struct.Struct("<Q"), 0, 8))
+        fallback = gilcalls.Examiner(fd)
         assert fallback._layout is None and fallback(fd) == (1234, 1)
         os.unlink(path)
         assert checked(fd) == (1234, 0) and fallback(fd) == (1234, 0)

@@ -26,6 +26,7 @@ DESCRIPTION
     threads of one process also take a mutex. A process killed mid-update
     releases the lock with its death; at worst one slot's counts are torn.
     A file cut short or removed while mapped is mapped afresh (_locked).
+    The non-blocking locks and that check keep the GIL (store.gilcalls).
 
 DIAGNOSTICS
     StoreUnavailable when the file cannot be opened or created, is not a
@@ -37,21 +38,19 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import hashlib
 import mmap
 import os
-import platform
 import struct
 import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from relaymilter.errors import StoreUnavailable
+from relaymilter.store.gilcalls import Examiner, flock_nb, os_examine
 
 MAGIC = b"RMCOUNT1"
 SLOTS = 65536
@@ -64,93 +63,6 @@ ADDRESSES = 30              # most distinct addresses a user can be counted with
 LOCK_WAIT = 0.25            # seconds: a decision never waits longer than this for the counters
 FAMILIES = {"recipients": 1, "messages": 2, "addresses": 3}
 _NAMES = {v: k for k, v in FAMILIES.items()}
-
-
-def _gil_holding_flock() -> Optional[Callable[[int, int], int]]:
-    """libc's flock() called through ctypes.PyDLL, which keeps the GIL (None where there is none)."""
-    try:
-        func = ctypes.PyDLL(None, use_errno=True).flock
-    except (OSError, AttributeError):
-        return None
-    func.argtypes, func.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return func
-
-
-# fcntl.flock lets go of the GIL around the call, as it must for a lock that may block. A
-# non-blocking flock or an unlock never blocks, and in a milter whose libmilter threads all
-# want the GIL each letting-go hands it to another thread and waits to get it back: two thread
-# switches per count. So those two calls keep the GIL; a lock that has to be waited for is
-# waited for with the GIL let go (time.sleep between tries).
-_FLOCK = _gil_holding_flock()
-
-
-def _flock_nb(fd: int, how: int) -> bool:
-    """flock(fd, how | LOCK_NB) (how: LOCK_EX, LOCK_SH or LOCK_UN): whether it was done now."""
-    if _FLOCK is None:
-        try:
-            fcntl.flock(fd, how | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-    if _FLOCK(fd, how | fcntl.LOCK_NB) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err == errno.EWOULDBLOCK:
-        return False
-    raise OSError(err, os.strerror(err))
-
-# The check before every update that the file is still whole and still at its path (size and link
-# count: see _locked) is an fstat; os.fstat lets go of the GIL, a thread switch per count as above.
-# libc's fstat through PyDLL keeps it. struct stat differs between architectures: the offsets of
-# st_nlink and st_size here are checked against os.fstat when a file is opened (_Examiner), and
-# where they are not known or do not match, os.fstat is used.
-_STAT_LAYOUT = {"x86_64": (struct.Struct("<Q"), 16, 48), "aarch64": (struct.Struct("<I"), 20, 48)}
-
-
-def _gil_holding_fstat() -> Optional[Callable[[int, Any], int]]:
-    try:
-        func = ctypes.PyDLL(None, use_errno=True).fstat
-    except (OSError, AttributeError):
-        return None
-    func.argtypes, func.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_int
-    return func
-
-
-_FSTAT = _gil_holding_fstat()
-_I64 = struct.Struct("<q")
-
-
-class _Examiner:
-    """(size, link count) of an open file: libc's fstat with the GIL held where checked, else os.fstat."""
-
-    def __init__(self, fd: int) -> None:
-        self._buf = ctypes.create_string_buffer(512)
-        layout = _STAT_LAYOUT.get(platform.machine())
-        self._layout = layout if _FSTAT is not None and layout is not None else None
-        if self._layout is not None:
-            st = os.fstat(fd)
-            try:
-                fast = self._fast(fd)
-            except OSError:
-                fast = None
-            if fast != (st.st_size, st.st_nlink):
-                self._layout = None
-
-    def _fast(self, fd: int) -> tuple[int, int]:
-        assert _FSTAT is not None and self._layout is not None
-        if _FSTAT(fd, self._buf) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        links, at_links, at_size = self._layout
-        return _I64.unpack_from(self._buf, at_size)[0], links.unpack_from(self._buf, at_links)[0]
-
-    def __call__(self, fd: int) -> tuple[int, int]:
-        return self._fast(fd) if self._layout is not None else _os_examine(fd)
-
-
-def _os_examine(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_size, st.st_nlink
 
 
 _HEADER = struct.Struct("<8sIII")          # magic, slots, slot size, minutes
@@ -242,7 +154,7 @@ class CounterFile:
         self._pid = 0
         self._fd: Optional[int] = None
         self._map: Optional[mmap.mmap] = None
-        self._examine: Callable[[int], tuple[int, int]] = _os_examine     # _Examiner once a file is open
+        self._examine: Callable[[int], tuple[int, int]] = os_examine     # Examiner once a file is open
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -262,19 +174,19 @@ class CounterFile:
         return StoreUnavailable("%s: %s%s" % (self.path, what, detail))
 
     def _lock(self, fd: int, how: int) -> None:
-        if _flock_nb(fd, how):
+        if flock_nb(fd, how):
             return
         deadline = time.monotonic() + self.lock_wait
         while True:
             time.sleep(0.0005)
-            if _flock_nb(fd, how):
+            if flock_nb(fd, how):
                 return
             if time.monotonic() >= deadline:
                 raise self._fail("lock not obtained within %gs" % self.lock_wait)
 
     @staticmethod
     def _unlock(fd: int) -> None:
-        _flock_nb(fd, fcntl.LOCK_UN)
+        flock_nb(fd, fcntl.LOCK_UN)
 
     def _attach(self) -> Optional[mmap.mmap]:
         """This process's mapping (opened, and created when missing and allowed); None: no file."""
@@ -320,7 +232,7 @@ class CounterFile:
             os.close(fd)
             raise
         self._fd, self._pid = fd, os.getpid()
-        self._examine = _Examiner(fd)
+        self._examine = Examiner(fd)
         return self._map
 
     def _locked(self, how: int) -> Optional[mmap.mmap]:
