@@ -208,7 +208,7 @@ def test_the_whole_file_check_keeps_to_what_os_fstat_says(tmp_path: Path, monkey
         checked = gilcalls.Examiner(fd)
         assert checked(fd) == (1234, 1)
         # Offsets that do not match this machine's struct stat: found out at once, os.fstat used.
-        monkeypatch.setitem(gilcalls.STAT_LAYOUT, platform.machine(), (struct.Struct("<Q"), 0, 8))
+        monkeypatch.setitem(gilcalls.STAT_LAYOUT, platform.machine(), struct.Struct("<QQ"))
         fallback = gilcalls.Examiner(fd)
         assert fallback._layout is None and fallback(fd) == (1234, 1)
         os.unlink(path)

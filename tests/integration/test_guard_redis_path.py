@@ -47,7 +47,7 @@ class Rig:
         self.lines: list[str] = []
         self.decisions = DecisionLog(self.lines.extend, interval=3600)
         self.holder: Any = None
-        self.calls = {"relayers": 0, "guard": 0}
+        self.calls = {"relayers": 0, "guard": 0, "posted": 0}
 
     def configure(self, extra: str) -> Any:
         cfg = self.tmp / "relaymilter.yaml"
@@ -60,6 +60,7 @@ class Rig:
             rt.guard.store.relay.client.script_load(script)
         self._count(rt.relayers._lookups, "get", "relayers")
         self._count(rt.guard.store, "_call", "guard")
+        self._count(rt.guard.store._lines, "post", "posted")
         return rt
 
     def _count(self, obj: Any, name: str, key: str) -> None:
@@ -72,7 +73,7 @@ class Rig:
         setattr(obj, name, counted)
 
     def asked(self) -> dict[str, int]:
-        found, self.calls = self.calls, {"relayers": 0, "guard": 0}
+        found, self.calls = self.calls, {"relayers": 0, "guard": 0, "posted": 0}
         return found
 
     def log(self) -> list[str]:
@@ -114,17 +115,18 @@ def test_first_relayed_recipient_is_one_call_counting_only_listed_clients(rig: R
     conn = Conn(rig.holder, POP)
     conn.mail("<a@example.net>")
     assert conn.rcpt("<u1@local.test>") == Milter.CONTINUE          # local: no lookup at all
-    assert rig.asked() == {"relayers": 0, "guard": 0}
+    assert rig.asked() == {"relayers": 0, "guard": 0, "posted": 0}
     assert relay(conn, 3) == [Milter.CONTINUE] * 3
-    # One call per relayed recipient, the first one answering the relayers lookup too.
-    assert rig.asked() == {"relayers": 0, "guard": 3}
+    # One call for the first relayed recipient, answering the relayers lookup too; alice is far from her
+    # limit, so the later ones are counted without waiting for the answer.
+    assert rig.asked() == {"relayers": 0, "guard": 1, "posted": 2}
     assert "user=alice rule=relayers_db" in rig.log()[-1]
     # A stranger, and a client listed longer ago than the window: one call, refused, nothing counted.
     for ip in (STRANGER, OLD):
         other = Conn(rig.holder, ip)
         other.mail("<a@example.net>")
         assert relay(other, 2) == [Milter.REJECT] * 2
-        assert rig.asked() == {"relayers": 0, "guard": 1}
+        assert rig.asked() == {"relayers": 0, "guard": 1, "posted": 0}
         assert "rule=default_reject" in rig.log()[-1] and "user=" not in rig.log()[-1]
     # A POP user's relaying adds no address (relaymilter-popwatch counted the login).
     assert rig.usage() == {("alice", "recipients"): 3, ("alice", "messages"): 1}
@@ -149,7 +151,7 @@ def test_limit_and_suspension_answered_by_the_folded_call(rig: Rig) -> None:
     again = Conn(rig.holder, POP)
     again.mail("<a@example.net>")
     assert again.rcpt("<y@remote.example>") == Milter.TEMPFAIL and again.replies[-1] == SUSPENDED
-    assert rig.asked() == {"relayers": 0, "guard": 1}
+    assert rig.asked() == {"relayers": 0, "guard": 1, "posted": 0}
     assert rig.usage() == {("alice", "recipients"): 2, ("alice", "messages"): 1}
 
 
@@ -176,7 +178,7 @@ def test_counters_refused_or_down_relay_permission_still_decided_and_counted_onc
     conn.mail("<a@example.net>")
     assert conn.rcpt("<x@remote.example>") == Milter.CONTINUE
     assert "limits=unavailable rule=relayers_db" in rig.log()[-1]
-    assert rig.asked() == {"relayers": 1, "guard": 1}
+    assert rig.asked() == {"relayers": 1, "guard": 1, "posted": 0}
     assert rt.guard.stats["unavailable"] == 1
     admin.execute_command("ACL", "SETUSER", "default", "+@all")
     # Redis gone: relay permission fails closed (451 4.3.0), however the counters fare.
@@ -202,3 +204,77 @@ def test_an_auth_users_addresses_counted_and_the_whole_transaction_refused_over(
     assert rig.usage() == {("dave", "recipients"): 4, ("dave", "messages"): 2, ("dave", "addresses"): 3}
     client = rig.holder.current.guard.store.relay.client
     assert 3600 < client.ttl(b"relaymilter:relay-guard:a:dave") <= 3660
+
+
+def test_later_recipients_far_from_the_limit_are_posted_and_near_it_waited_for(rig: Rig) -> None:
+    rig.configure("limits: {recipients_per_hour: 6}\n")
+    conn = Conn(rig.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 3) == [Milter.CONTINUE] * 3
+    # Counted 1 by the folded call; 2 and 3 are within half the limit: posted, not waited for. The
+    # posted counts are in place for anyone who asks next.
+    assert rig.asked() == {"relayers": 0, "guard": 1, "posted": 2}
+    assert rig.usage() == {("alice", "recipients"): 3, ("alice", "messages"): 1}
+    # From the fourth on, every recipient is checked as it is counted: the answers owed on the
+    # connection are read first, so each check sees its own answer (4, 5, 6, then over).
+    assert relay(conn, 4, start=3) == [Milter.CONTINUE] * 3 + [Milter.TEMPFAIL]
+    assert conn.replies[-1] == LIMIT
+    assert rig.asked() == {"relayers": 0, "guard": 4, "posted": 0}
+    assert "user=alice count=6 rule=recipients_per_hour" in rig.log()[-1]
+    assert rig.usage() == {("alice", "recipients"): 6, ("alice", "messages"): 1}
+
+
+def test_a_server_restart_with_answers_owed_is_a_reconnection_not_an_outage(rig: Rig) -> None:
+    rt = rig.configure("limits: {recipients_per_hour: 100}\n")
+    conn = Conn(rig.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 3) == [Milter.CONTINUE] * 3
+    assert rig.asked()["posted"] == 2
+    rig.server.stop()
+    rig.server.start()
+    open_relay_store(rig.url).add({POP: int(time.time())})
+    open_guard_store(rig.url).record_users({POP: "alice"}, 3600)
+    again = Conn(rig.holder, POP)
+    again.mail("<a@example.net>")
+    assert relay(again, 2) == [Milter.CONTINUE] * 2
+    assert "limits=unavailable" not in rig.log()[-1] and "user=alice" in rig.log()[-1]
+    assert rt.guard.stats["unavailable"] == 0
+    assert rig.usage() == {("alice", "recipients"): 2, ("alice", "messages"): 1}
+
+
+def test_a_posted_count_the_server_refuses_is_logged(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    rt = rig.configure("limits: {recipients_per_hour: 100}\n")
+    # EVAL (how a count is posted) refused by an ACL, EVALSHA allowed: the folded call works, the
+    # posted counts are refused, and that is only known when their answers are read.
+    rt.guard.store.relay.client.execute_command("ACL", "SETUSER", "default", "-eval")
+    conn = Conn(rig.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 3) == [Milter.CONTINUE] * 3
+    with caplog.at_level("WARNING", logger="relaymilter.limits"):
+        conn.mail("<a@example.net>")
+        assert relay(conn, 1) == [Milter.CONTINUE]
+    assert rt.guard.store._lines.refused == 2
+    assert any("a count sent without waiting was refused (1 since the last such line)" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert rig.usage() == {("alice", "recipients"): 2, ("alice", "messages"): 2}
+
+
+def test_an_answer_owed_is_read_before_the_next_command_even_when_it_comes_late(tmp_path: Path) -> None:
+    from relaymilter.store.redislines import Lines
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        client = server.client()
+        lines = Lines(client.connection_pool, "test")
+        slow = b"local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] " \
+               b"while true do t = redis.call('TIME') if t[1] * 1e6 + t[2] - s > 100000 then break end end " \
+               b"return 'posted'"
+        for _ in range(3):
+            # The server is busy with the posted script for 0.1 s: its answer is not there yet when
+            # the next command goes out on the same connection, and must not be taken for that one's.
+            lines.post(b"*3\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(slow), slow))
+            assert lines.call("ECHO", "mine") == b"mine"
+        assert lines.refused == 0
+        lines.close()
+    finally:
+        server.stop()

@@ -29,6 +29,15 @@ DESCRIPTION
     limited, nor is a trusted network's. A message is counted at its first
     relayed recipient.
 
+    Every recipient is counted; a transaction's later recipient need not
+    wait for the count's answer while the identity, as the transaction last
+    learnt its count, is within half its recipients_per_hour (Ask.wait: the
+    Redis store then posts the count instead of making a round trip). Near
+    the limit every recipient is checked as it is counted; far from it,
+    going over would take more than half the limit relayed by the same
+    identity elsewhere in the instant between two recipients of one
+    transaction.
+
     In warn-only mode (``modes: {limits: warn}``) a refusal is not made but
     returned as ``would`` for the log, what went through is counted all the
     same, and no one is suspended.
@@ -132,12 +141,13 @@ _NEXT = {"recipients": 1}
 class Txn:
     """What one transaction (MAIL to MAIL) has learnt: the identity, whether its message is counted."""
 
-    __slots__ = ("identity", "counted", "seen")
+    __slots__ = ("identity", "counted", "seen", "recipients")
 
     def __init__(self) -> None:
         self.identity: Optional[str] = None
         self.counted = False            # the message is counted (at its first relayed recipient)
         self.seen = False               # the client address is recorded for the AUTH user this transaction
+        self.recipients: Optional[int] = None   # the identity's recipients count as last learnt, + counted since
 
 
 def _note(identity: Optional[str]) -> str:
@@ -246,11 +256,14 @@ class Guard:
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
         assert self.store is not None and self.limits is not None
         add = _NEXT if txn.counted else _FIRST
+        wait = True
+        if txn.counted and txn.recipients is not None:
+            limit = self.table.get("recipients")
+            wait = limit is not None and 2 * (txn.recipients + 1) > limit
         # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
                             now=now, see=bool(auth) and "addresses" in self.table and not txn.seen and bool(address),
-                            force=warn,
-                            held=txn.identity is None)
+                            force=warn, held=txn.identity is None, wait=wait)
         try:
             outcome = self.store.gate(ask)
         except StoreUnavailable as exc:
@@ -298,6 +311,11 @@ class Guard:
         charge = outcome.charge
         assert charge is not None
         over = charge.over
+        counted = charge.counts.get("recipients")
+        if counted is not None:
+            txn.recipients = counted
+        elif txn.recipients is not None and over is None:
+            txn.recipients += 1         # counted without an answer (Ask.wait false)
         # Over addresses_per_hour: the address is asked about again at the next recipient, which is
         # refused the same way (otherwise the rest of the transaction would pass unasked).
         txn.seen = over != "addresses"

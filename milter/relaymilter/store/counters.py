@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 
 from relaymilter.errors import StoreUnavailable
-from relaymilter.store.gilcalls import Examiner, flock_nb, os_examine
+from relaymilter.store.gilcalls import Examiner, flock_nb, os_examine, pid
 
 MAGIC = b"RMCOUNT1"
 SLOTS = 65536
@@ -70,6 +70,7 @@ _SLOT_HEAD = struct.Struct("<QIBB2x")      # hash, last minute, family, key leng
 _BUCKETS = struct.Struct("<%dI" % MINUTES)
 _PAIRS = struct.Struct("<%dI" % (2 * ADDRESSES))
 _HASH = struct.Struct("<Q")
+_HASH_MINUTE = struct.Struct("<QI")         # the slot head's first two fields
 _U32 = struct.Struct("<I")
 _PAIR = struct.Struct("<II")
 _NOPAIRS = (0,) * (2 * ADDRESSES)
@@ -163,9 +164,9 @@ class CounterFile:
             self._drop()
 
     def _drop(self) -> None:
-        if self._map is not None and self._pid == os.getpid():
+        if self._map is not None and self._pid == pid():
             self._map.close()
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None and self._pid == pid():
             os.close(self._fd)
         self._map, self._fd, self._pid = None, None, 0
 
@@ -190,7 +191,7 @@ class CounterFile:
 
     def _attach(self) -> Optional[mmap.mmap]:
         """This process's mapping (opened, and created when missing and allowed); None: no file."""
-        if self._map is not None and self._pid == os.getpid():
+        if self._map is not None and self._pid == pid():
             return self._map
         # A forked child inherits the parent's descriptor, and flock on a shared open file
         # would not exclude the parent: open our own (the inherited map is left alone).
@@ -231,7 +232,7 @@ class CounterFile:
         except StoreUnavailable:
             os.close(fd)
             raise
-        self._fd, self._pid = fd, os.getpid()
+        self._fd, self._pid = fd, pid()
         self._examine = Examiner(fd)
         return self._map
 
@@ -242,19 +243,23 @@ class CounterFile:
         SIGBUS; one removed would be counted in by this process alone.
         """
         for _ in range(2):
-            mm = self._attach()
-            if mm is None:
-                return None
-            assert self._fd is not None
-            self._lock(self._fd, how)
+            mm = self._map
+            if mm is None or self._pid != pid():
+                mm = self._attach()
+                if mm is None:
+                    return None
+            fd = self._fd
+            assert fd is not None
+            if not flock_nb(fd, how):
+                self._lock(fd, how)
             try:
-                size, links = self._examine(self._fd)
+                size, links = self._examine(fd)
             except OSError as exc:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                flock_nb(fd, fcntl.LOCK_UN)
                 raise self._fail("cannot examine", exc) from None
             if size == SIZE and links > 0:
                 return mm
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            flock_nb(fd, fcntl.LOCK_UN)
             self._drop()
         raise self._fail("cut short or replaced while in use, again")
 
@@ -264,7 +269,7 @@ class CounterFile:
         base = h % SLOTS
         for i in range(PROBES):
             off = HEAD + ((base + i) % SLOTS) * SLOT
-            sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
+            sh, last = _HASH_MINUTE.unpack_from(mm, off)
             if sh == h:
                 return off
             if sh == 0:
@@ -279,6 +284,25 @@ class CounterFile:
             raise self._fail("no free slot near this identity's (more live identities than the table holds)")
         return free
 
+    def _slot(self, mm: mmap.mmap, family: str, identity: str, minute: int) -> tuple[int, int, tuple]:
+        """(offset, last minute, per-minute values) of *family*'s slot for *identity*, made when missing."""
+        h = _hash_of(family, identity)
+        off = HEAD + (h % SLOTS) * SLOT         # the usual case: found at the first probe
+        sh, last = _HASH_MINUTE.unpack_from(mm, off)
+        if sh != h:
+            found = self._find(mm, h, minute, create=True)
+            assert found is not None
+            off = found
+            sh, last = _HASH_MINUTE.unpack_from(mm, off)
+            if sh != h:
+                # A new slot, or a stale one reused: its identity text and zero counts.
+                text = identity.encode("utf-8", "surrogateescape")[:KEY_MAX]
+                _SLOT_HEAD.pack_into(mm, off, h, minute, FAMILIES[family], len(text))
+                mm[off + 16:off + 16 + len(text)] = text
+                _BUCKETS.pack_into(mm, off + _DATA, *_ZEROS)
+                return off, minute, _ZEROS
+        return off, last, _BUCKETS.unpack_from(mm, off + _DATA)
+
     # -- operations -----------------------------------------------------------------
 
     def charge(self, identity: str, now: float, add: Mapping[str, int], limits: Mapping[str, int],
@@ -292,7 +316,6 @@ class CounterFile:
         through). One lock for the whole operation.
         """
         minute = int(now) // 60
-        text = identity.encode("utf-8", "surrogateescape")[:KEY_MAX]
         with self._mutex:
             mm = self._locked(fcntl.LOCK_EX)
             if mm is None:
@@ -302,25 +325,14 @@ class CounterFile:
                 counts: dict[str, int] = {}
                 over: Optional[str] = None
                 if address is not None:
-                    n = self._see(mm, identity, text, address, minute)
+                    n = self._see(mm, identity, address, minute)
                     counts["addresses"] = n
                     limit = limits.get("addresses")
                     if limit is not None and n > limit:
                         over = "addresses"
                 slots = []
                 for family, n in add.items():
-                    h = _hash_of(family, identity)
-                    off = self._find(mm, h, minute, create=True)
-                    assert off is not None
-                    sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
-                    if sh != h:
-                        # A new slot, or a stale one reused: its identity text and zero counts.
-                        last, values = minute, _ZEROS
-                        _SLOT_HEAD.pack_into(mm, off, h, minute, FAMILIES[family], len(text))
-                        mm[off + 16:off + 16 + len(text)] = text
-                        _BUCKETS.pack_into(mm, off + _DATA, *_ZEROS)
-                    else:
-                        values = _BUCKETS.unpack_from(mm, off + _DATA)
+                    off, last, values = self._slot(mm, family, identity, minute)
                     if last > minute:
                         minute = last       # another host's clock ahead: count in its minute
                     total = sum(values) if last == minute else window_sum(values, last, minute)
@@ -331,12 +343,12 @@ class CounterFile:
                     counts[family] = total
                 if over is None or force:
                     for family, off, last, values, n in slots:
+                        i = minute % MINUTES
                         if last == minute:
-                            at = off + _DATA + 4 * (minute % MINUTES)
-                            _U32.pack_into(mm, at, _U32.unpack_from(mm, at)[0] + n)
+                            _U32.pack_into(mm, off + _DATA + 4 * i, values[i] + n)
                         else:
                             rolled = _rolled(values, last, minute)
-                            rolled[minute % MINUTES] += n
+                            rolled[i] += n
                             _BUCKETS.pack_into(mm, off + _DATA, *rolled)
                             _U32.pack_into(mm, off + 8, minute)
                         counts[family] += n
@@ -344,7 +356,7 @@ class CounterFile:
             finally:
                 self._unlock(self._fd)
 
-    def _see(self, mm: mmap.mmap, identity: str, text: bytes, address: str, minute: int) -> int:
+    def _see(self, mm: mmap.mmap, identity: str, address: str, minute: int) -> int:
         """Record *address* for *identity* at *minute*; how many distinct addresses in the hour (capped)."""
         h = _hash_of("addresses", identity)
         off = self._find(mm, h, minute, create=True)
@@ -352,6 +364,7 @@ class CounterFile:
         sh, last, _, _ = _SLOT_HEAD.unpack_from(mm, off)
         if sh != h:
             # A new slot, or a stale one reused: its identity text and no addresses.
+            text = identity.encode("utf-8", "surrogateescape")[:KEY_MAX]
             _SLOT_HEAD.pack_into(mm, off, h, minute, FAMILIES["addresses"], len(text))
             mm[off + 16:off + 16 + len(text)] = text
             mm[off + _DATA:off + SLOT] = bytes(SLOT - _DATA)

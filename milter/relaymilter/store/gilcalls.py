@@ -1,5 +1,5 @@
 """NAME
-    relaymilter.store.gilcalls - flock and fstat that keep the GIL, for the counters' hot path
+    relaymilter.store.gilcalls - the counters' system calls: flock and fstat keeping the GIL, the PID without one
 
 DESCRIPTION
     fcntl.flock and os.fstat let go of the GIL around the call, as they must
@@ -11,6 +11,9 @@ DESCRIPTION
     for is waited for by the caller with the GIL let go (time.sleep between
     tries). Where libc's functions cannot be found, the fcntl / os calls are
     used.
+
+    pid() is this process's PID without a system call (glibc's getpid() is
+    one): kept in a variable that a forked child updates (os.register_at_fork).
 
     struct stat differs between architectures: the offsets of st_nlink and
     st_size in STAT_LAYOUT are checked against os.fstat when an Examiner is
@@ -29,24 +32,29 @@ import fcntl
 import os
 import platform
 import struct
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-STAT_LAYOUT = {"x86_64": (struct.Struct("<Q"), 16, 48), "aarch64": (struct.Struct("<I"), 20, 48)}
-_I64 = struct.Struct("<q")
+# (st_nlink, st_size) out of struct stat, per architecture.
+STAT_LAYOUT = {"x86_64": struct.Struct("<16xQ24xq"), "aarch64": struct.Struct("<20xI24xq")}
 
 
-def _libc(name: str, argtypes: tuple[Any, ...]) -> Optional[Callable[..., int]]:
-    """libc's *name* called through ctypes.PyDLL (the GIL held), or None where there is none."""
+def _libc(name: str) -> Optional[Callable[..., int]]:
+    """libc's *name* called through ctypes.PyDLL (the GIL held), or None where there is none.
+
+    No argtypes: the arguments here are C ints and a buffer, which ctypes
+    passes as such by default, and the per-call conversion argtypes asks
+    for costs a third of the call.
+    """
     try:
         func = getattr(ctypes.PyDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    func.argtypes, func.restype = argtypes, ctypes.c_int
+    func.restype = ctypes.c_int
     return func
 
 
-_FLOCK = _libc("flock", (ctypes.c_int, ctypes.c_int))
-_FSTAT = _libc("fstat", (ctypes.c_int, ctypes.c_void_p))
+_FLOCK = _libc("flock")
+_FSTAT = _libc("fstat")
 
 
 def _errno_error() -> OSError:
@@ -94,8 +102,24 @@ class Examiner:
         assert _FSTAT is not None and self._layout is not None
         if _FSTAT(fd, self._buf) != 0:
             raise _errno_error()
-        links, at_links, at_size = self._layout
-        return _I64.unpack_from(self._buf, at_size)[0], links.unpack_from(self._buf, at_links)[0]
+        links, size = self._layout.unpack_from(self._buf)
+        return size, links
 
     def __call__(self, fd: int) -> tuple[int, int]:
         return self._fast(fd) if self._layout is not None else os_examine(fd)
+
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def pid() -> int:
+    """This process's PID (os.getpid(), remembered; a forked child's own)."""
+    return _pid

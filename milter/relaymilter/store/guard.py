@@ -73,7 +73,10 @@ class Ask(NamedTuple):
     relayers lookup only), *address* must be canonical (a relayers key)
     and nothing is judged or counted unless the relayers map lists it with
     a login time at or after listed_since (0: any); Outcome.stamp carries
-    what the map holds.
+    what the map holds. With *wait* false (a transaction's later recipient,
+    its identity far from its recipients limit: policy.limits), a store may
+    count add["recipients"] without waiting for its server's answer; it then
+    answers Charge(None, {}): nothing over, no counts.
     """
 
     address: str
@@ -85,6 +88,7 @@ class Ask(NamedTuple):
     force: bool = False
     held: bool = True
     listed_since: Optional[int] = None
+    wait: bool = True
 
 
 class Outcome(NamedTuple):

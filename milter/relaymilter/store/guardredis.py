@@ -23,9 +23,11 @@ DESCRIPTION
     then identity, suspension, the hour's counts and the increments, in one
     atomic step and one round trip; a transaction's later recipients, whose
     identity and suspension are known, run the smaller COUNT, sent on
-    connections of the store's own like the relayers lookups (see
-    store.redis._LookupConnections); a server that has lost the script
-    (restart, SCRIPT FLUSH) gets it again. The hour is a sliding window in
+    connections of the store's own (store.redislines) like the relayers
+    lookups; a server that has lost the script (restart, SCRIPT FLUSH) gets
+    it again. While the transaction has found its identity well within its
+    recipients limit (policy.limits: Ask.wait false), COUNT is posted -
+    sent, its answer read later - rather than waited for. The hour is a sliding window in
     one-minute steps, as on a single host.
 
 DIAGNOSTICS
@@ -36,7 +38,6 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any, Iterable, Mapping, Optional
 
 from redis import exceptions as rexc
@@ -45,7 +46,8 @@ from relaymilter.errors import StoreUnavailable
 from relaymilter.ipaddr import normalize_ip
 from relaymilter.store.counters import MINUTES, Charge, Usage
 from relaymilter.store.guard import Ask, Outcome, Suspension, is_address, parse_suspension
-from relaymilter.store.redis import RedisRelayStore, _match_pattern, is_connected
+from relaymilter.store.redis import RedisRelayStore, _match_pattern
+from relaymilter.store.redislines import Lines
 
 HOUR_TTL = 3600 + 60
 
@@ -179,15 +181,16 @@ class RedisGuardStore:
         self.location = url
         self.prefix = guard_prefix(self.relay.prefix)
         self._g = self.prefix.encode("utf-8")
-        self._pool = self.relay.client.connection_pool
-        self._idle: list = []
-        self._pid = os.getpid()
+        self._lines = Lines(self.relay.client.connection_pool, self.relay.display)
         self._relay_prefix = self.relay.prefix.encode("utf-8")
         # gate()'s EVALSHA packed once in RESP but for its last argument (redis-py would encode and
         # pack all five at every call, a good part of the milter's cost of counting).
         self._gate_head = b"*5\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n$%d\r\n%s\r\n" % (
             GATE_SHA.encode("ascii"), len(self._g), self._g)
         self._count_head = b"*8\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % COUNT_SHA.encode("ascii")
+        # A posted count (Ask.wait false) is sent as EVAL with the script's text: its answer is read
+        # too late to send the script again after a NOSCRIPT.
+        self._post_head = b"*8\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(COUNT), COUNT.encode("ascii"))
 
     folds_relay_lookup = True
 
@@ -195,32 +198,8 @@ class RedisGuardStore:
         return StoreUnavailable("%s: cannot %s: %s" % (self.relay.display, what, exc))
 
     def _call(self, *args: Any, packed: Optional[bytes] = None) -> Any:
-        """One command on a connection of our own (the hot path: no pool lock, no retry wrappers).
-
-        *packed*: the command already in RESP form (then *args* is not used).
-        """
-        if self._pid != os.getpid():
-            self._idle, self._pid = [], os.getpid()
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = self._pool.make_connection()
-        try:
-            if not is_connected(conn):
-                conn.connect()
-            elif conn.can_read():           # the server closed it (restart, failover)
-                conn.disconnect()
-                conn.connect()
-            if packed is None:
-                conn.send_command(*args)
-            else:
-                conn.send_packed_command([packed], check_health=False)
-            return conn.read_response()
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            self._idle.append(conn)
+        """One command, answered, on a connection of our own (store.redislines)."""
+        return self._lines.call(*args, packed=packed)
 
     # -- the milter's call ------------------------------------------------------------------
 
@@ -253,10 +232,20 @@ class RedisGuardStore:
         return Outcome(identity, user, None, Charge(_s(over) or None, counts), stamp)
 
     def _count(self, ask: Ask, identity: str) -> Outcome:
-        """gate() for a transaction's later recipient: the recipients count alone (COUNT)."""
+        """gate() for a transaction's later recipient: the recipients count alone (COUNT); posted, not
+        waited for, when the policy says the identity is far from its limit (Ask.wait false)."""
         n = ask.add["recipients"]
-        args = (self._g + b"c:recipients:" + identity.encode("utf-8", "surrogateescape"), b"%d" % (int(ask.now) // 60),
-                b"%d" % n, b"%d" % ask.limits.get("recipients", -1), b"1" if ask.force else b"0")
+        key = self._g + b"c:recipients:" + identity.encode("utf-8", "surrogateescape")
+        minute = b"%d" % (int(ask.now) // 60)
+        if not ask.wait:
+            # Counted whatever the count (force), with no limit to check: the answer is not awaited.
+            args = (key, minute, b"%d" % n, b"-1", b"1")
+            try:
+                self._lines.post(self._post_head + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+            except (rexc.RedisError, OSError) as exc:
+                raise self._fail("count", exc) from None
+            return Outcome(identity, identity != ask.address, None, Charge(None, {}))
+        args = (key, minute, b"%d" % n, b"%d" % ask.limits.get("recipients", -1), b"1" if ask.force else b"0")
         try:
             try:
                 over, count = self._call(packed=self._count_head + b"".join(b"$%d\r\n%s\r\n" % (len(a), a)
@@ -381,8 +370,6 @@ class RedisGuardStore:
         return self.relay.run("list counters", read)
 
     def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.disconnect()
+        self._lines.close()
         if self._own_relay:
             self.relay.close()
