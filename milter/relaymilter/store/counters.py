@@ -15,9 +15,9 @@ DESCRIPTION
     listing, cut at KEY_MAX bytes) and its data: for recipients and messages
     60 per-minute counts (a ring indexed by epoch minute mod 60), for
     addresses 30 (address hash, minute) pairs. The hour is therefore a
-    sliding window in one-minute steps. Slots are found by linear probing
-    from the hash, at most PROBES steps; a slot not updated for an hour is
-    stale and is reused.
+    sliding window in one-minute steps (store.window). Slots are found by
+    linear probing from the hash, at most PROBES steps; a slot not updated
+    for an hour is stale and is reused.
 
     Atomicity: every read-modify-write holds flock(LOCK_EX) on the file for
     the whole operation (a reader LOCK_SH), so concurrent processes never
@@ -51,6 +51,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 
 from relaymilter.errors import StoreUnavailable
 from relaymilter.store.gilcalls import Examiner, flock_nb, os_examine, pid
+from relaymilter.store.window import MINUTES, rolled, window_sum
 
 MAGIC = b"RMCOUNT1"
 SLOTS = 65536
@@ -58,7 +59,6 @@ SLOT = 384
 HEAD = 64
 KEY_MAX = 128
 PROBES = 64
-MINUTES = 60
 ADDRESSES = 30              # most distinct addresses a user can be counted with (addresses_per_hour < this)
 LOCK_WAIT = 0.25            # seconds: a decision never waits longer than this for the counters
 FAMILIES = {"recipients": 1, "messages": 2, "addresses": 3}
@@ -101,31 +101,6 @@ def _hash_of(family: str, identity: str) -> int:
 
 def address_hash(address: str) -> int:
     return zlib.crc32(address.encode("ascii", "replace")) or 1
-
-
-def window_sum(values: tuple, last: int, minute: int) -> int:
-    """Sum of the per-minute *values* (last written at *last*) over the hour ending at *minute*."""
-    age = minute - last
-    if age >= MINUTES:
-        return 0
-    if age <= 0:
-        return sum(values)
-    # The buckets of minutes last-59 .. minute-60 have left the window.
-    total = sum(values)
-    for m in range(last - MINUTES + 1, minute - MINUTES + 1):
-        total -= values[m % MINUTES]
-    return total
-
-
-def _rolled(values: tuple, last: int, minute: int) -> list[int]:
-    """*values* moved on from *last* to *minute*: the buckets of minutes in between start at 0."""
-    age = minute - last
-    if age >= MINUTES:
-        return [0] * MINUTES
-    out = list(values)
-    for m in range(last + 1, minute + 1):
-        out[m % MINUTES] = 0
-    return out
 
 
 class Charge(NamedTuple):
@@ -347,9 +322,9 @@ class CounterFile:
                         if last == minute:
                             _U32.pack_into(mm, off + _DATA + 4 * i, values[i] + n)
                         else:
-                            rolled = _rolled(values, last, minute)
-                            rolled[i] += n
-                            _BUCKETS.pack_into(mm, off + _DATA, *rolled)
+                            moved = rolled(values, last, minute)
+                            moved[i] += n
+                            _BUCKETS.pack_into(mm, off + _DATA, *moved)
                             _U32.pack_into(mm, off + 8, minute)
                         counts[family] += n
                 return Charge(over, counts)
