@@ -26,8 +26,9 @@ DESCRIPTION
     relayers lookup of a transaction's first relayed recipient into that
     same operation (Ask.listed_since): it counts only if the map lists the
     address, so a listed client's first recipient costs one round trip,
-    not two. On one host a lookup is no round trip, and the file store
-    does not fold.
+    not two; a later recipient with Ask.wait false costs a send and no wait
+    there. On one host a lookup is no round trip, and the file store does
+    not fold.
 
 DIAGNOSTICS
     StoreUnavailable when a file or the server cannot be used; the caller
