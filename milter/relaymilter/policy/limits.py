@@ -30,13 +30,13 @@ DESCRIPTION
     relayed recipient.
 
     Every recipient is counted; a transaction's later recipient need not
-    wait for the count's answer while the identity, as the transaction last
-    learnt its count, is within half its recipients_per_hour (Ask.wait: the
-    Redis store then posts the count instead of making a round trip). Near
-    the limit every recipient is checked as it is counted; far from it,
-    going over would take more than half the limit relayed by the same
-    identity elsewhere in the instant between two recipients of one
-    transaction.
+    wait for the count's answer when the count answered at the recipient
+    just before it is within half the identity's recipients_per_hour
+    (Ask.wait: the Redis store then posts the count instead of making a
+    round trip), so at most every other recipient goes unanswered. Near the
+    limit every recipient is checked as it is counted; far from it, going
+    over would take more than half the limit relayed by the same identity
+    elsewhere in the instant between two recipients of one transaction.
 
     In warn-only mode (``modes: {limits: warn}``) a refusal is not made but
     returned as ``would`` for the log, what went through is counted all the
@@ -147,7 +147,7 @@ class Txn:
         self.identity: Optional[str] = None
         self.counted = False            # the message is counted (at its first relayed recipient)
         self.seen = False               # the client address is recorded for the AUTH user this transaction
-        self.recipients: Optional[int] = None   # the identity's recipients count as last learnt, + counted since
+        self.recipients: Optional[int] = None   # the identity's recipients count, answered at the last recipient
 
 
 def _note(identity: Optional[str]) -> str:
@@ -257,9 +257,11 @@ class Guard:
         assert self.store is not None and self.limits is not None
         add = _NEXT if txn.counted else _FIRST
         wait = True
-        if txn.counted and txn.recipients is not None:
+        if txn.counted:
+            # No recipients limit: nothing to check. Else only a count answered at the recipient just
+            # before (txn.recipients) can let this one go unanswered.
             limit = self.table.get("recipients")
-            wait = limit is not None and 2 * (txn.recipients + 1) > limit
+            wait = limit is not None and (txn.recipients is None or 2 * (txn.recipients + 1) > limit)
         # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
                             now=now, see=bool(auth) and "addresses" in self.table and not txn.seen and bool(address),
@@ -311,11 +313,9 @@ class Guard:
         charge = outcome.charge
         assert charge is not None
         over = charge.over
-        counted = charge.counts.get("recipients")
-        if counted is not None:
-            txn.recipients = counted
-        elif txn.recipients is not None and over is None:
-            txn.recipients += 1         # counted without an answer (Ask.wait false)
+        # Only a count answered just now lets the next recipient go unanswered: one posted after
+        # another would go by a count that others' transactions may have long overtaken.
+        txn.recipients = charge.counts.get("recipients")
         # Over addresses_per_hour: the address is asked about again at the next recipient, which is
         # refused the same way (otherwise the rest of the transaction would pass unasked).
         txn.seen = over != "addresses"
