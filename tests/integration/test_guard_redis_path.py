@@ -295,3 +295,26 @@ def test_transactions_of_one_identity_side_by_side_stay_within_its_limit(rig: Ri
             relayed += conn.rcpt("<friend%d@remote.example>" % i) == Milter.CONTINUE
     assert relayed == 12
     assert rig.usage() == {("alice", "recipients"): 12, ("alice", "messages"): 3}
+
+
+def test_an_outage_longer_than_max_connections_tries_leaves_the_counts_working_after(tmp_path: Path) -> None:
+    from relaymilter.errors import StoreUnavailable
+    from relaymilter.store.guard import Ask
+
+    server = RedisServer(tmp_path / "redis").start()
+    guard = open_guard_store(server.url() + "?max_connections=2")
+    try:
+        ask = Ask(address=POP, identity="alice", add={"recipients": 1, "messages": 1},
+                  limits={"recipients": 100}, now=time.time())
+        assert guard.gate(ask).charge.counts == {"recipients": 1, "messages": 1}
+        server.stop()
+        # A count each time the breaker lets one through: every one fails to connect, and each must
+        # not use up one of the pool's connections for good.
+        for _ in range(4):
+            with pytest.raises(StoreUnavailable):
+                guard.gate(ask)
+        server.start()
+        assert guard.gate(ask).charge.counts == {"recipients": 1, "messages": 1}
+    finally:
+        guard.close()
+        server.stop()

@@ -71,6 +71,18 @@ class Lines:
             line = self._idle.pop()
         except IndexError:
             line = _Line(self._pool.make_connection())
+        try:
+            return self._ready(line)
+        except BaseException:
+            # Kept, unconnected, for the next use: one made afresh after each failure would count
+            # against the pool's max_connections for good (a server down for a while, then none).
+            line.owed = 0
+            line.conn.disconnect()
+            self._idle.append(line)
+            raise
+
+    def _ready(self, line: _Line) -> _Line:
+        """*line* connected, its owed answers read."""
         conn = line.conn
         if not is_connected(conn):
             line.owed = 0
