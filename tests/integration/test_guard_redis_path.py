@@ -58,7 +58,7 @@ class Rig:
         rt = self.holder.current
         for script in (GATE, COUNT):        # as after a first call of each (EVALSHA, then EVAL)
             rt.guard.store.relay.client.script_load(script)
-        self._count(rt.relayers._lookups, "get", "relayers")
+        self._count(rt.relayers._lookups, "call", "relayers")
         self._count(rt.guard.store, "_call", "guard")
         self._count(rt.guard.store._lines, "post", "posted")
         return rt

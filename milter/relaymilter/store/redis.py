@@ -26,8 +26,8 @@ DESCRIPTION
     database. Sockets time out after 0.25 s unless the URL says otherwise: the
     milter asks once per relay attempt, and a slow or dead Redis must cost a
     quarter second, not a client's SMTP timeout. The milter's GETs use
-    connections of their own, outside redis-py's pool (see
-    _LookupConnections): a lookup costs little more than the round trip.
+    connections of their own, outside redis-py's pool's command path
+    (store.redislines): a lookup costs little more than the round trip.
 
     Failover: every new connection asks the sentinels where the primary is,
     and a connection error (including a primary demoted to a replica, which
@@ -50,7 +50,6 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -59,13 +58,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
 import redis
 from redis import exceptions as rexc
 from redis.backoff import NoBackoff
-from redis.connection import Connection, ConnectionPool
+from redis.connection import ConnectionPool
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from relaymilter.errors import ConfigError, StoreUnavailable
 from relaymilter.ipaddr import normalize_ip, sort_key
 from relaymilter.store.redisurl import DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisSpec, mask_url, parse_store_url
+from relaymilter.store.redislines import Lines
 from relaymilter.store.relayers import parse_ticks
 
 log = logging.getLogger("relaymilter.store")
@@ -109,16 +109,6 @@ __all__ = ["BATCH", "DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisRelayStore", "Red
            "parse_store_url"]
 
 
-if hasattr(Connection, "is_connected"):
-    def is_connected(conn: Any) -> bool:
-        """Whether a redis-py connection holds an open socket."""
-        return bool(conn.is_connected)
-else:  # redis-py before 5 (Debian 12 packages 4.3.4) has the socket but not the property
-    def is_connected(conn: Any) -> bool:
-        """Whether a redis-py connection holds an open socket."""
-        return conn._sock is not None
-
-
 def _no_retry() -> Retry:
     # redis-py would retry 3 times with back-off, nested in connect(): we decide once, in _run().
     return Retry(NoBackoff(), 0)
@@ -127,54 +117,6 @@ def _no_retry() -> Retry:
 def _match_pattern(prefix: str) -> str:
     """A SCAN MATCH pattern for every key under *prefix* (glob characters in it escaped)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
-
-
-class _LookupConnections:
-    """Connections for the milter's GETs, kept outside redis-py's pool.
-
-    redis-py's full command path (pool lock, retry wrappers, metrics) costs
-    several times the loopback round trip; the milter asks once per relay
-    attempt, so its lookups send GET on a connection of their own. The idle
-    list is a plain list: pop() and append() are atomic, and each connection
-    is used by one thread at a time.
-    """
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._pool = pool
-        self._idle: list = []
-        self._pid = os.getpid()
-
-    def get(self, key: bytes) -> Optional[bytes]:
-        if self._pid != os.getpid():
-            # Forked (relaymilter's supervisor forks the libmilter child): the inherited sockets
-            # are the parent's; redis-py never shuts down a socket from another process.
-            self._idle, self._pid = [], os.getpid()
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = self._pool.make_connection()
-        else:
-            # An idle connection with something to read is one the server closed (restart, failover).
-            try:
-                if is_connected(conn) and conn.can_read():
-                    conn.disconnect()
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError):
-                conn.disconnect()
-        try:
-            if not is_connected(conn):
-                conn.connect()      # a Sentinel-managed connection asks the sentinels here, not in send
-            conn.send_command("GET", key)
-            return conn.read_response()
-        except BaseException:
-            conn.disconnect()       # reconnects (and asks the sentinels again) on its next use
-            raise
-        finally:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.disconnect()
 
 
 class RedisRelayStore:
@@ -206,7 +148,7 @@ class RedisRelayStore:
         else:
             self._pool = ConnectionPool(**kwargs)
             self.client = redis.Redis(connection_pool=self._pool)
-        self._lookups = _LookupConnections(self.client.connection_pool)
+        self._lookups = Lines(self.client.connection_pool, self.display)
         self._delete_script = self.client.register_script(DELETE_IF_TICKS)
         self._set_script = self.client.register_script(SET_MANY)
 
@@ -278,7 +220,7 @@ class RedisRelayStore:
     def _lookup(self, ip: str) -> Optional[int]:
         key = self._key(ip)
         try:
-            raw = self._run("read", lambda c: self._lookups.get(key))
+            raw = self._run("read", lambda c: self._lookups.call("GET", key))
         except StoreUnavailable as exc:
             if self._replica is None:
                 raise

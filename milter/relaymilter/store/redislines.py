@@ -1,10 +1,12 @@
 """NAME
-    relaymilter.store.redislines - the guard store's own Redis connections, and answers read later
+    relaymilter.store.redislines - the milter's own Redis connections, and answers read later
 
 DESCRIPTION
-    The milter's counting calls go out on connections of the guard store's
-    own (no pool lock, no retry wrappers), one thread per connection at a
-    time. Lines.call() sends a command and waits for its answer. Lines.post()
+    The milter's relayers lookups (store.redis) and counting calls
+    (store.guardredis) go out on connections of their own, made by the
+    store's pool but used outside redis-py's command path (pool lock, retry
+    wrappers: several times the loopback round trip), one thread per
+    connection at a time. Lines.call() sends a command and waits for its answer. Lines.post()
     sends one and does not wait: the answer is read, and thrown away, before
     the next command on the same connection (or never, if the connection is
     dropped first). A count posted this way costs one send instead of a round
@@ -34,12 +36,21 @@ import time
 from typing import Any, Optional
 
 from redis import exceptions as rexc
-
-from relaymilter.store.redis import is_connected
+from redis.connection import Connection
 
 log = logging.getLogger("relaymilter.limits")
 
 COMPLAIN_EVERY = 60.0       # seconds between two log lines about refused posted commands
+
+
+if hasattr(Connection, "is_connected"):
+    def is_connected(conn: Any) -> bool:
+        """Whether a redis-py connection holds an open socket."""
+        return bool(conn.is_connected)
+else:  # redis-py before 5 (Debian 12 packages 4.3.4) has the socket but not the property
+    def is_connected(conn: Any) -> bool:
+        """Whether a redis-py connection holds an open socket."""
+        return conn._sock is not None
 
 
 class _Line:
