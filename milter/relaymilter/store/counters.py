@@ -21,12 +21,9 @@ DESCRIPTION
 
     Atomicity: every read-modify-write holds flock(LOCK_EX) on the file for
     the whole operation (a reader LOCK_SH), so concurrent processes never
-    lose an increment. flock belongs to the open file, not the process, so
-    each process opens the file itself (a forked child reopens it) and the
-    threads of one process also take a mutex. A process killed mid-update
-    releases the lock with its death; at worst one slot's counts are torn.
-    A file cut short or removed while mapped is mapped afresh (_locked).
-    The non-blocking locks and that check keep the GIL (store.gilcalls).
+    lose an increment (store.mappedfile: the file's making, mapping,
+    locking and checking). A process killed mid-update releases the lock
+    with its death; at worst one slot's counts are torn.
 
 DIAGNOSTICS
     StoreUnavailable when the file cannot be opened or created, is not a
@@ -41,16 +38,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import mmap
-import os
 import struct
-import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
-from relaymilter.errors import StoreUnavailable
-from relaymilter.store.gilcalls import Examiner, flock_nb, os_examine, pid
+from relaymilter.store.mappedfile import LOCK_WAIT, MappedFile
 from relaymilter.store.window import MINUTES, rolled, window_sum
 
 MAGIC = b"RMCOUNT1"
@@ -60,8 +54,6 @@ HEAD = 64
 KEY_MAX = 128
 PROBES = 64
 ADDRESSES = 30              # most distinct addresses a user can be counted with (addresses_per_hour < this)
-LOCK_WAIT = 0.25            # seconds: a decision never waits longer than this for the counters
-SPINS = 40                  # immediate retries of a lock held elsewhere (about 30 microseconds) before sleeping
 FAMILIES = {"recipients": 1, "messages": 2, "addresses": 3}
 _NAMES = {v: k for k, v in FAMILIES.items()}
 
@@ -120,130 +112,15 @@ class Usage:
     count: int
 
 
-class CounterFile:
+class CounterFile(MappedFile):
     """The shared counter table at *path* (created on first use unless create is false)."""
 
     def __init__(self, path: str, create: bool = True, lock_wait: float = LOCK_WAIT) -> None:
-        self.path = path
-        self.create = create
-        self.lock_wait = lock_wait
-        self._mutex = threading.Lock()
-        self._pid = 0
-        self._fd: Optional[int] = None
-        self._map: Optional[mmap.mmap] = None
-        self._examine: Callable[[int], tuple[int, int]] = os_examine     # Examiner once a file is open
+        super().__init__(path, SIZE, _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES),
+                         "not a relaymilter counter file of this layout (remove it to start counting afresh)",
+                         create, lock_wait)
 
-    # -- plumbing -------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._mutex:
-            self._drop()
-
-    def _drop(self) -> None:
-        if self._map is not None and self._pid == pid():
-            self._map.close()
-        if self._fd is not None and self._pid == pid():
-            os.close(self._fd)
-        self._map, self._fd, self._pid = None, None, 0
-
-    def _fail(self, what: str, exc: Optional[BaseException] = None) -> StoreUnavailable:
-        detail = ": %s" % (exc.strerror or exc) if isinstance(exc, OSError) else ""
-        return StoreUnavailable("%s: %s%s" % (self.path, what, detail))
-
-    def _lock(self, fd: int, how: int) -> None:
-        if flock_nb(fd, how):
-            return
-        # Held by another process, as a rule in the middle of an update of a few microseconds on
-        # another CPU: asked again at once a few times before sleeping (a sleep costs this thread
-        # half a millisecond and two thread switches).
-        for _ in range(SPINS):
-            if flock_nb(fd, how):
-                return
-        deadline = time.monotonic() + self.lock_wait
-        while True:
-            time.sleep(0.0005)
-            if flock_nb(fd, how):
-                return
-            if time.monotonic() >= deadline:
-                raise self._fail("lock not obtained within %gs" % self.lock_wait)
-
-    @staticmethod
-    def _unlock(fd: int) -> None:
-        flock_nb(fd, fcntl.LOCK_UN)
-
-    def _attach(self) -> Optional[mmap.mmap]:
-        """This process's mapping (opened, and created when missing and allowed); None: no file."""
-        if self._map is not None and self._pid == pid():
-            return self._map
-        # A forked child inherits the parent's descriptor, and flock on a shared open file
-        # would not exclude the parent: open our own (the inherited map is left alone).
-        self._map, self._fd = None, None
-        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if self.create else 0)
-        try:
-            fd = os.open(self.path, flags, 0o640)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise self._fail("cannot open", exc) from None
-        try:
-            st = os.fstat(fd)
-            if st.st_size == 0:
-                self._lock(fd, fcntl.LOCK_EX)
-                try:
-                    if os.fstat(fd).st_size == 0:
-                        # Blocks allocated now, not at the first write to each page of a sparse
-                        # file (a page fault that allocates, in the middle of a decision).
-                        os.posix_fallocate(fd, 0, SIZE)
-                        os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES), 0)
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            # Under LOCK_SH: another process may be between its fallocate() and its header.
-            self._lock(fd, fcntl.LOCK_SH)
-            try:
-                head = os.pread(fd, _HEADER.size, 0)
-                size = os.fstat(fd).st_size
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            if size != SIZE or head != _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES):
-                raise self._fail("not a relaymilter counter file of this layout (remove it to start counting "
-                                 "afresh)")
-            self._map = mmap.mmap(fd, SIZE)
-        except OSError as exc:
-            os.close(fd)
-            raise self._fail("cannot map", exc) from None
-        except StoreUnavailable:
-            os.close(fd)
-            raise
-        self._fd, self._pid = fd, pid()
-        self._examine = Examiner(fd)
-        return self._map
-
-    def _locked(self, how: int) -> Optional[mmap.mmap]:
-        """This process's mapping, locked *how*, of the file at the path now (None: no file).
-
-        A file cut short (``: > relayers-counters``) would make the mapping
-        SIGBUS; one removed would be counted in by this process alone.
-        """
-        for _ in range(2):
-            mm = self._map
-            if mm is None or self._pid != pid():
-                mm = self._attach()
-                if mm is None:
-                    return None
-            fd = self._fd
-            assert fd is not None
-            if not flock_nb(fd, how):
-                self._lock(fd, how)
-            try:
-                size, links = self._examine(fd)
-            except OSError as exc:
-                flock_nb(fd, fcntl.LOCK_UN)
-                raise self._fail("cannot examine", exc) from None
-            if size == SIZE and links > 0:
-                return mm
-            flock_nb(fd, fcntl.LOCK_UN)
-            self._drop()
-        raise self._fail("cut short or replaced while in use, again")
+    # -- the table --------------------------------------------------------------------
 
     def _find(self, mm: mmap.mmap, h: int, minute: int, create: bool) -> Optional[int]:
         """The offset of the slot for hash *h*; with *create*, a fresh one when there is none."""
