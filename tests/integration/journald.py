@@ -34,6 +34,8 @@ import subprocess
 import time
 from typing import Optional
 
+from mta import terminate
+
 LOCK = "/run/lock/relaymilter-journald-test.lock"
 JOURNALD = "/lib/systemd/systemd-journald"
 RUN = "/run/systemd/journal"
@@ -114,13 +116,7 @@ class Journald:
             self._dev_log = False
         proc = self.proc
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            terminate(proc, signal.SIGTERM, 10)
             self.proc = None
             # What our journald made (or a stopped one left behind: nothing answered before we started).
             for d in (RUN, RUNTIME_JOURNAL):

@@ -39,6 +39,19 @@ def failures(caplog) -> list[str]:
             if r.name == "relaymilter.store.recipients" and r.levelno >= logging.ERROR]
 
 
+def refused_include(tmp_path, included, caplog) -> tuple[LocalRecipients, str]:
+    """Aliases with a list that :include:s *included*: both kinds of recipient are a 451, logged once."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("alice: alice\nlist: :include:%s\n" % included)
+    rec = LocalRecipients(aliases=[str(aliases)])
+    caplog.set_level(logging.INFO, logger="relaymilter.store.recipients")
+    assert decide(rec, "nobody-here") == LOOKUP_FAILED
+    assert decide(rec, "alice") == LOOKUP_FAILED
+    lines = failures(caplog)
+    assert len(lines) == 1, lines
+    return rec, lines[0]
+
+
 def test_a_deep_include_chain_is_a_451_with_one_line(tmp_path, settled, caplog):
     """A user who owns an included file chains 1,500 more: no RecursionError, a 451 naming the depth."""
     home = tmp_path / "home"
@@ -66,14 +79,8 @@ def test_a_huge_included_file_is_not_read_into_memory(tmp_path, settled, caplog)
     big = tmp_path / "big.list"
     with open(big, "wb") as f:
         f.truncate(1 << 34)
-    aliases = tmp_path / "aliases"
-    aliases.write_text("alice: alice\nlist: :include:%s\n" % big)
-    rec = LocalRecipients(aliases=[str(aliases)])
-    caplog.set_level(logging.INFO, logger="relaymilter.store.recipients")
-    assert decide(rec, "nobody-here") == LOOKUP_FAILED
-    assert decide(rec, "alice") == LOOKUP_FAILED
-    lines = failures(caplog)
-    assert len(lines) == 1 and "%s: too large" % big in lines[0], lines
+    rec, line = refused_include(tmp_path, big, caplog)
+    assert "%s: too large" % big in line, line
     # A list past the bound is refused the same way.
     lst = tmp_path / "users"
     with open(lst, "wb") as f:
@@ -124,14 +131,8 @@ def test_thousands_of_included_files_are_a_451_not_thousands_of_stats_per_rcpt(t
         (home / ("f%d" % i)).write_bytes(b"")
     wide = home / "wide.list"
     wide.write_text("".join(":include:%s\n" % (home / ("f%d" % i)) for i in range(5000)))
-    aliases = tmp_path / "aliases"
-    aliases.write_text("alice: alice\nlist: :include:%s\n" % wide)
-    rec = LocalRecipients(aliases=[str(aliases)])
-    caplog.set_level(logging.INFO, logger="relaymilter.store.recipients")
-    assert decide(rec, "nobody-here") == LOOKUP_FAILED
-    assert decide(rec, "alice") == LOOKUP_FAILED
-    lines = failures(caplog)
-    assert len(lines) == 1 and "more than 1000 files" in lines[0], lines
+    rec, line = refused_include(tmp_path, wide, caplog)
+    assert "more than 1000 files" in line, line
     wide.write_text("".join(":include:%s\n" % (home / ("f%d" % i)) for i in range(990)))
     assert rec.lookup(("alice",), "local.test") == "aliases"
 
