@@ -3,6 +3,7 @@
 
     python3 benchmarks/limits.py [--concurrency 8] [--seconds 12] [--entries 10000]
                                  [--clients 10000] [--procs 2] [--rounds 12] [--pinned]
+                                 [--remote 2]
 
 Method: one map of --entries addresses, in a relayers.db file and in a real
 redis-server on loopback (tests/integration/redisproc.py, no persistence), each
@@ -20,7 +21,10 @@ transaction), as the milter always does. The load is the generator of
 benchmarks/milter_loadgen.py, run by benchmarks/_common.py: --clients distinct
 clients cycling (more than any cache holds), half of them listed (their two
 remote recipients relay: both counted), half not (their remote recipients get
-550 5.7.1); every answer is checked byte for byte. Rounds alternate on/off
+550 5.7.1); with --remote 1 a listed client's second remote recipient is a
+local one instead (one relayed recipient per message: on Berkeley DB its
+count ahead is then refunded every time). Every answer is checked byte for
+byte. Rounds alternate on/off
 within each store (A B, B A, ...) so that other load on the machine hits both
 alike; the per-round ratios are printed. Besides the milter's CPU per session,
 the redis-server's is shown for the Redis variants (a count is a Lua script
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import _common as load  # the shared measuring side (benchmarks/_common.py)
-from milter_loadgen import build_script, db_address, session_kinds
+from milter_loadgen import CONTINUE, LOCAL, Kind, build_script, db_address, session_kinds
 from milterproc import MilterProcess  # test helpers (tests/integration/), on sys.path through _common
 from redisproc import RedisServer
 
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procs", type=int, default=2, help="generator processes (default 2)")
     p.add_argument("--rounds", type=int, default=12, help="alternating rounds per variant (default 12)")
     p.add_argument("--pinned", action="store_true", help="every milter with cpu_affinity: auto")
+    p.add_argument("--remote", type=int, choices=(1, 2), default=2,
+                   help="remote (relayed) recipients of a listed client's session (default 2)")
     return p
 
 
@@ -74,6 +80,14 @@ def fill(location: str, entries: int) -> None:
     finally:
         guard.close()
         store.close()
+
+
+def one_relayed(kind: Kind) -> Kind:
+    """A listed client's session with its last remote recipient made local (its answer stays continue)."""
+    rcpts = kind.rcpts
+    if rcpts[-1][1] != CONTINUE or not rcpts[-1][0].startswith("<friend"):
+        return kind
+    return Kind(kind.client, rcpts[:-1] + ((LOCAL % (10 ** 6 + len(rcpts)), CONTINUE),))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -97,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("map of %d entries with their users: file and Redis filled in %.1f s"
               % (opts.entries, time.perf_counter() - t0))
         kinds = session_kinds(opts.clients, opts.entries, minimal=False)
+        if opts.remote == 1:
+            kinds = [one_relayed(k) for k in kinds]
         milters = {}
         for store, relayers in (("bdb", {"path": str(work / "relayers.db")}), ("redis", {"url": server.url()})):
             for variant, extra in (("off", {}), ("on", {"limits": LIMITS})):

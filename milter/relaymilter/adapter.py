@@ -171,6 +171,12 @@ class Connection:
         except Exception:  # noqa: BLE001 - the fail-closed guard: a bug must tempfail, never relay
             return self._internal_error("envrcpt", started)
 
+    def close(self) -> None:
+        try:
+            self.session.close()
+        except Exception:  # noqa: BLE001 - nothing to answer at close: logged, and the connection ends
+            log.exception("%s: internal error at close from %s", self.tag, self.client_text)
+
     def _answer(self, stage: str, decision: Decision, rcpt: Optional[str], extra: str, started: float = 0.0,
                 source: Optional[str] = None, note: str = "") -> int:
         """Log and count the decision (*note* after its rule) and turn it into setreply() + a pymilter return code."""
@@ -279,6 +285,7 @@ def callbacks(holder: RuntimeHolder) -> dict[str, Callable[..., int]]:
         found = ctx.getpriv()
         if found:
             found.ctx = None     # the context and this object refer to each other
+            found.close()
         return Milter.CONTINUE
 
     return {"negotiate": negotiate, "connect": connect, "envfrom": envfrom, "envrcpt": envrcpt, "close": close}

@@ -209,3 +209,41 @@ def test_addresses_per_hour_counts_the_addresses_of_auth_sessions(m: Milter_) ->
     conn.mail("<a@example.net>")
     assert relay(conn, 1) == [Milter.CONTINUE]
     assert ("alice", "addresses") not in {(u.identity, u.family) for u in HostGuardStore(m.db).usage(time.time())}
+
+
+def test_a_recipient_counted_ahead_asks_nothing_and_one_left_unused_is_refunded(
+        m: Milter_, monkeypatch: pytest.MonkeyPatch) -> None:
+    m.configure("limits: {recipients_per_hour: 100}\n")
+    counters = m.holder.current.guard.store.counters
+    charged: list[str] = []
+    real = counters.charge
+    monkeypatch.setattr(counters, "charge", lambda identity, *a, **k: charged.append(identity) or real(identity, *a, **k))
+
+    def count() -> int:         # as another process reads the file
+        return {(u.identity, u.family): u.count for u in HostGuardStore(m.db).usage(time.time())}.get(
+            ("alice", "recipients"), 0)
+
+    def settles_at(n: int) -> bool:
+        deadline = time.monotonic() + 5
+        while count() != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return count() == n
+
+    conn = Conn(m.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 3) == [Milter.CONTINUE] * 3
+    assert charged == ["alice", "alice"]        # the second recipient was counted by the first
+    assert all(" user=alice rule=relayers_db" in line for line in m.log()[-3:])
+    assert count() == 4                         # the third counted a fourth ahead...
+    conn.mail("<b@example.net>")
+    assert settles_at(3)                        # ...refunded when the transaction ended
+    assert relay(conn, 1) == [Milter.CONTINUE] and count() == 5
+    conn.close()
+    assert settles_at(4)                        # and at the end of the connection
+    # Near the limit nothing is counted ahead: each recipient is checked as it is counted.
+    m.configure("limits: {recipients_per_hour: 10}\n")
+    conn = Conn(m.holder, POP)
+    conn.mail("<a@example.net>")
+    assert relay(conn, 8) == [Milter.CONTINUE] * 6 + [Milter.TEMPFAIL] * 2
+    assert "user=alice count=10 rule=recipients_per_hour" in m.log()[-1]
+    assert count() == 10

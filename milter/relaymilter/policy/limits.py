@@ -37,6 +37,11 @@ DESCRIPTION
     limit every recipient is checked as it is counted; far from it, going
     over would take more than half the limit relayed by the same identity
     elsewhere in the instant between two recipients of one transaction.
+    The counter file counts ahead instead (Ask.ahead): a recipient counted
+    within half the limit counts the next one too (Outcome.charge.reserved),
+    which then passes without asking the store; one left unused is refunded
+    when the transaction ends (release(): at the next MAIL or at close).
+    Counted ahead, a count is never low, only high by a refund on its way.
 
     In warn-only mode (``modes: {limits: warn}``) a refusal is not made but
     returned as ``would`` for the log, what went through is counted all the
@@ -109,6 +114,8 @@ class Outcome(Protocol):
 class ChargeLike(Protocol):
     over: Optional[str]
     counts: Mapping[str, int]
+    reserved: int                       # recipients counted ahead, in epoch minute *minute*
+    minute: int
 
 
 class Store(Protocol):
@@ -123,6 +130,8 @@ class Store(Protocol):
     def suspension(self, identity: str, now: float) -> Optional[object]: ...
 
     def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]: ...
+
+    def refund(self, identity: str, n: int, minute: int) -> None: ...
 
 
 class Step(NamedTuple):
@@ -141,13 +150,15 @@ _NEXT = {"recipients": 1}
 class Txn:
     """What one transaction (MAIL to MAIL) has learnt: the identity, whether its message is counted."""
 
-    __slots__ = ("identity", "counted", "seen", "recipients")
+    __slots__ = ("identity", "counted", "seen", "recipients", "reserved", "minute")
 
     def __init__(self) -> None:
         self.identity: Optional[str] = None
         self.counted = False            # the message is counted (at its first relayed recipient)
         self.seen = False               # the client address is recorded for the AUTH user this transaction
         self.recipients: Optional[int] = None   # the identity's recipients count, answered at the last recipient
+        self.reserved = 0               # recipients counted ahead (store.counters), in epoch minute *minute*
+        self.minute = 0
 
 
 def _note(identity: Optional[str]) -> str:
@@ -252,6 +263,9 @@ class Guard:
         """A recipient relayed because the client authenticated or is listed in relayers.db."""
         if not self.active or not (address or auth):
             return Step(None, _note(self.name(txn, address, auth) if address else auth))
+        if txn.reserved:
+            txn.reserved -= 1           # counted ahead by the recipient before
+            return Step(None, _note(txn.identity))
         if not self._available():
             return Step(None, _note(txn.identity or auth) + "limits=unavailable ")
         assert self.store is not None and self.limits is not None
@@ -265,7 +279,7 @@ class Guard:
         # The suspension is looked up at the transaction's first relayed recipient only.
         ask = self.make_ask(address=address, identity=txn.identity or auth or None, add=add, limits=self.table,
                             now=now, see=bool(auth) and "addresses" in self.table and not txn.seen and bool(address),
-                            force=warn, held=txn.identity is None, wait=wait)
+                            force=warn, held=txn.identity is None, wait=wait, ahead=1)
         try:
             outcome = self.store.gate(ask)
         except StoreUnavailable as exc:
@@ -316,6 +330,7 @@ class Guard:
         # Only a count answered just now lets the next recipient go unanswered: one posted after
         # another would go by a count that others' transactions may have long overtaken.
         txn.recipients = charge.counts.get("recipients")
+        txn.reserved, txn.minute = charge.reserved, charge.minute
         # Over addresses_per_hour: the address is asked about again at the next recipient, which is
         # refused the same way (otherwise the rest of the transaction would pass unasked).
         txn.seen = over != "addresses"
@@ -327,6 +342,16 @@ class Guard:
         if self.limits.suspend_minutes and not warn:
             self._suspend(identity, refusal.rule, now)
         return self._refuse(refusal, note + "count=%d " % charge.counts.get(over, 0), warn)
+
+    def release(self, txn: Txn) -> None:
+        """The transaction has ended (the next MAIL, or the connection closed): refund what it counted ahead."""
+        n = txn.reserved
+        if n and txn.identity is not None and self.store is not None:
+            txn.reserved = 0
+            try:
+                self.store.refund(txn.identity, n, txn.minute)
+            except StoreUnavailable as exc:
+                log.warning("%d recipients counted ahead for %s not refunded: %s", n, txn.identity, exc)
 
     def _suspend(self, identity: str, rule: str, now: float) -> None:
         assert self.store is not None and self.limits is not None and self.limits.suspend_minutes

@@ -138,6 +138,8 @@ class Session:
         self.auth = auth or None
         self._standing = None
         self._known = None
+        if self.guard is not None and self.txn.reserved:
+            self.guard.release(self.txn)
         self.txn = Txn()
         self._counted = None
         self.warned, self.note = None, ""
@@ -159,6 +161,11 @@ class Session:
             if step.refusal is not None:
                 return step.refusal
         return SENDER_OK
+
+    def close(self) -> None:
+        """The connection has ended, and its transaction with it."""
+        if self.guard is not None and self.txn.reserved:
+            self.guard.release(self.txn)
 
     def _warn(self, decision: Decision) -> Decision:
         """*decision*, or - for a refusal of a family in warn mode - a pass, the refusal kept in warned."""

@@ -25,6 +25,17 @@ DESCRIPTION
     locking and checking). A process killed mid-update releases the lock
     with its death; at worst one slot's counts are torn.
 
+    Counting ahead: a count of recipients may take one more (charge's
+    *ahead*) when that keeps the identity within half its limit, so that
+    the transaction's next recipient costs no lock at all. One left unused
+    when the transaction ends is refunded (refund(); store.refunds: queued,
+    taken off in the process's next operation or within refunds.DELAY). A
+    count is therefore never low; it may be high by the refunds on their
+    way - each one recipient of a transaction that ended moments ago, or of
+    one a killed process left open - which can only make a limit refuse
+    early, and only for an identity that went from half its limit to all
+    of it meanwhile.
+
 DIAGNOSTICS
     StoreUnavailable when the file cannot be opened or created, is not a
     counter file of this layout ("remove it to start counting afresh"), the
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import mmap
 import struct
 import time
@@ -44,8 +56,12 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional
 
+from relaymilter.errors import StoreUnavailable
 from relaymilter.store.mappedfile import LOCK_WAIT, MappedFile
+from relaymilter.store.refunds import Refunds
 from relaymilter.store.window import MINUTES, rolled, window_sum
+
+log = logging.getLogger("relaymilter.counters")
 
 MAGIC = b"RMCOUNT1"
 SLOTS = 65536
@@ -97,10 +113,16 @@ def address_hash(address: str) -> int:
 
 
 class Charge(NamedTuple):
-    """What charge() found: the family over its limit (None: all within) and the counts after."""
+    """What charge() found: the family over its limit (None: all within) and the counts after.
+
+    reserved: recipients counted ahead (charge's *ahead*), in epoch minute
+    *minute* - to be used by the transaction's next recipients or refunded.
+    """
 
     over: Optional[str]
     counts: Mapping[str, int]
+    reserved: int = 0
+    minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,49 @@ class CounterFile(MappedFile):
         super().__init__(path, SIZE, _HEADER.pack(MAGIC, SLOTS, SLOT, MINUTES),
                          "not a relaymilter counter file of this layout (remove it to start counting afresh)",
                          create, lock_wait)
+        self._refunds = Refunds(self.flush)
+
+    # -- refunds ------------------------------------------------------------------------
+
+    def refund(self, identity: str, n: int, minute: int) -> None:
+        """Give back *n* recipients counted ahead in *minute* (Charge.reserved): queued, taken off soon."""
+        self._refunds.add(identity, n, minute)
+
+    def flush(self) -> None:
+        """Take this process's queued refunds off now."""
+        if not self._refunds:
+            return
+        with self._mutex:
+            mm = self._locked(fcntl.LOCK_EX)
+            if mm is None:
+                self._refunds.take()        # the file is gone, and its counts with it
+                return
+            assert self._fd is not None
+            try:
+                self._apply_refunds(mm)
+            finally:
+                self._unlock(self._fd)
+
+    def _apply_refunds(self, mm: mmap.mmap) -> None:
+        """Under the lock: each queued refund off its minute's count, if that minute is still in the slot."""
+        for identity, n, minute in self._refunds.take():
+            h = _hash_of("recipients", identity)
+            off = self._find(mm, h, minute, create=False)
+            if off is None:
+                continue
+            sh, last = _HASH_MINUTE.unpack_from(mm, off)
+            if sh != h or minute > last or last - minute >= MINUTES:
+                continue            # the slot reused, or that minute gone from it: nothing left to give back
+            at = off + _DATA + 4 * (minute % MINUTES)
+            _U32.pack_into(mm, at, max(0, _U32.unpack_from(mm, at)[0] - n))
+
+    def close(self) -> None:
+        self._refunds.stop()
+        try:
+            self.flush()
+        except StoreUnavailable as exc:
+            log.warning("%d recipients counted ahead not refunded: %s", len(self._refunds), exc)
+        super().close()
 
     # -- the table --------------------------------------------------------------------
 
@@ -165,14 +230,17 @@ class CounterFile(MappedFile):
     # -- operations -----------------------------------------------------------------
 
     def charge(self, identity: str, now: float, add: Mapping[str, int], limits: Mapping[str, int],
-               address: Optional[str] = None, force: bool = False) -> Charge:
+               address: Optional[str] = None, force: bool = False, ahead: int = 0) -> Charge:
         """Count *add* (family -> n) for *identity* unless a family would go over its limit.
 
         With *address*, it is first recorded among the identity's addresses
         of the hour (that family's limit is on the number of distinct
         addresses). A family over its limit is named in the answer and
         nothing is added, unless *force* (warn-only mode: count what went
-        through). One lock for the whole operation.
+        through). With *ahead*, that many more recipients are counted
+        (Charge.reserved) when the count after them is within half the
+        recipients limit (or there is none). One lock for the whole
+        operation, which first takes off this process's queued refunds.
         """
         minute = int(now) // 60
         with self._mutex:
@@ -181,6 +249,8 @@ class CounterFile(MappedFile):
                 raise self._fail("does not exist")
             assert self._fd is not None
             try:
+                if self._refunds:
+                    self._apply_refunds(mm)
                 counts: dict[str, int] = {}
                 over: Optional[str] = None
                 if address is not None:
@@ -200,8 +270,15 @@ class CounterFile(MappedFile):
                         over = family
                     slots.append((family, off, last, values, n))
                     counts[family] = total
+                reserved = 0
+                if ahead and (over is None or force) and "recipients" in counts:
+                    limit = limits.get("recipients")
+                    if limit is None or 2 * (counts["recipients"] + add["recipients"] + ahead) <= limit:
+                        reserved = ahead
                 if over is None or force:
                     for family, off, last, values, n in slots:
+                        if reserved and family == "recipients":
+                            n += reserved
                         i = minute % MINUTES
                         if last == minute:
                             _U32.pack_into(mm, off + _DATA + 4 * i, values[i] + n)
@@ -211,7 +288,7 @@ class CounterFile(MappedFile):
                             _BUCKETS.pack_into(mm, off + _DATA, *moved)
                             _U32.pack_into(mm, off + 8, minute)
                         counts[family] += n
-                return Charge(over, counts)
+                return Charge(over, counts, reserved, minute) if reserved else Charge(over, counts)
             finally:
                 self._unlock(self._fd)
 
@@ -257,6 +334,7 @@ class CounterFile(MappedFile):
         """Every (family, identity) with a count in the last hour, read under a shared lock."""
         minute = int(now) // 60
         found: list[Usage] = []
+        self.flush()
         with self._mutex:
             mm = self._locked(fcntl.LOCK_SH)
             if mm is None:
@@ -288,6 +366,8 @@ class CounterFile(MappedFile):
                 return
             assert self._fd is not None
             try:
+                if self._refunds:
+                    self._apply_refunds(mm)
                 for family in FAMILIES:
                     off = self._find(mm, slot_hash(family, identity), int(time.time()) // 60, create=False)
                     if off is not None and _SLOT_HEAD.unpack_from(mm, off)[0] == slot_hash(family, identity):
@@ -296,3 +376,4 @@ class CounterFile(MappedFile):
                         mm[off + _DATA:off + SLOT] = bytes(SLOT - _DATA)
             finally:
                 self._unlock(self._fd)
+

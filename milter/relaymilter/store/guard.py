@@ -77,7 +77,10 @@ class Ask(NamedTuple):
     what the map holds. With *wait* false (a transaction's later recipient,
     its identity far from its recipients limit: policy.limits), a store may
     count add["recipients"] without waiting for its server's answer; it then
-    answers Charge(None, {}): nothing over, no counts.
+    answers Charge(None, {}): nothing over, no counts. With *ahead*, a store
+    may count that many more recipients (Charge.reserved: the counter file
+    does, within half the limit), which the transaction's next recipients
+    use without asking and refund() gives back when it ends unused.
     """
 
     address: str
@@ -90,6 +93,7 @@ class Ask(NamedTuple):
     held: bool = True
     listed_since: Optional[int] = None
     wait: bool = True
+    ahead: int = 0
 
 
 class Outcome(NamedTuple):
@@ -121,6 +125,9 @@ class GuardStore(Protocol):
 
     def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]:
         """Refuse *identity*'s relaying until *until*; remove its addresses from the relayers map (returned)."""
+
+    def refund(self, identity: str, n: int, minute: int) -> None:
+        """Give back *n* recipients counted ahead in epoch *minute* (Charge.reserved) and not used."""
 
     def lift(self, identity: str) -> bool:
         """End a suspension and start the identity's counts afresh; whether one was in force."""
@@ -199,8 +206,12 @@ class HostGuardStore:
             if held is not None:
                 return Outcome(identity, user, held, None)
         charge = self.counters.charge(identity, ask.now, ask.add, ask.limits,
-                                      address=ask.address if ask.see and user else None, force=ask.force)
+                                      address=ask.address if ask.see and user else None, force=ask.force,
+                                      ahead=ask.ahead)
         return Outcome(identity, user, None, charge)
+
+    def refund(self, identity: str, n: int, minute: int) -> None:
+        self.counters.refund(identity, n, minute)
 
     # -- users map ----------------------------------------------------------------------
 

@@ -27,7 +27,9 @@ DESCRIPTION
     lookups; a server that has lost the script (restart, SCRIPT FLUSH) gets
     it again. While the transaction has found its identity well within its
     recipients limit (policy.limits: Ask.wait false), COUNT is posted -
-    sent, its answer read later - rather than waited for. The hour is a sliding window in
+    sent, its answer read later - rather than waited for; nothing is
+    counted ahead (Ask.ahead is for the counter file, where a count costs a
+    lock rather than a round trip). The hour is a sliding window in
     one-minute steps, as on a single host.
 
 DIAGNOSTICS
@@ -331,6 +333,9 @@ class RedisGuardStore:
             return []
         missing = set(self.relay.delete(doomed))
         return [a for a in doomed if normalize_ip(a) not in missing]
+
+    def refund(self, identity: str, n: int, minute: int) -> None:
+        raise NotImplementedError("nothing is counted ahead on Redis: there is nothing to refund")
 
     def lift(self, identity: str) -> bool:
         raw = identity.encode("utf-8", "surrogateescape")

@@ -1,0 +1,163 @@
+"""Recipients counted ahead in the counter file, and refunded: a count is never low, and exact once refunded.
+
+A count within half the limit takes the transaction's next recipient too
+(Charge.reserved); one left unused is refunded - queued in the process and
+taken off by its next operation on the file or by its refund thread within
+refunds.DELAY. Eight writer processes running transactions of 1 to 4
+recipients that way, side by side, must leave exactly the recipients they
+relayed. Near the limit nothing is counted ahead, so the limit stays exact.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from relaymilter.store import refunds
+from relaymilter.store.counters import CounterFile
+
+pytestmark = pytest.mark.integration
+
+WRITERS = 8
+TRANSACTIONS = 150
+
+
+def _count(store: CounterFile, identity: str, family: str = "recipients") -> int:
+    return sum(u.count for u in store.usage(time.time()) if u.family == family and u.identity == identity)
+
+
+def _raw_count(path: str, identity: str) -> int:
+    """The count as another process sees it, without taking off this process's queue first."""
+    return _count(CounterFile(path), identity)
+
+
+def test_counted_ahead_within_half_the_limit_only(tmp_path: Path) -> None:
+    store = CounterFile(str(tmp_path / "c"))
+    now = time.time()
+    first = store.charge("ann", now, {"recipients": 1, "messages": 1}, {"recipients": 8}, ahead=1)
+    assert first.reserved == 1 and first.minute == int(now) // 60
+    assert first.counts == {"recipients": 2, "messages": 1}
+    # 2 counted; 2 + 1 + 1 is half of 8: still ahead. 4 + 1 + 1 is not: one at a time from here.
+    assert store.charge("ann", now, {"recipients": 1}, {"recipients": 8}, ahead=1).reserved == 1
+    assert [store.charge("ann", now, {"recipients": 1}, {"recipients": 8}, ahead=1).reserved
+            for _ in range(4)] == [0] * 4
+    over = store.charge("ann", now, {"recipients": 1}, {"recipients": 8}, ahead=1)
+    assert over.over == "recipients" and over.reserved == 0 and over.counts["recipients"] == 8
+    # No recipients limit: always ahead (nothing to check, the count is for the admin's listing).
+    assert store.charge("bea", now, {"recipients": 1}, {"messages": 5}, ahead=1).reserved == 1
+
+
+def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "c")
+    store = CounterFile(path)
+    now = time.time()
+    reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
+    assert _raw_count(path, "cid") == 2
+    # Taken off by this process's next charge, under the same lock.
+    monkeypatch.setattr(refunds, "DELAY", 30.0)
+    store.refund("cid", reserved.reserved, reserved.minute)
+    assert _raw_count(path, "cid") == 2                 # queued: another process still sees it
+    assert store.charge("dot", now, {"recipients": 1}, {}).counts["recipients"] == 1
+    assert _raw_count(path, "cid") == 1
+    store.close()
+    # Taken off by the thread when the process does nothing more.
+    monkeypatch.setattr(refunds, "DELAY", 0.02)
+    store = CounterFile(path)
+    reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
+    assert _raw_count(path, "cid") == 3
+    store.refund("cid", reserved.reserved, reserved.minute)
+    deadline = time.monotonic() + 5
+    while _raw_count(path, "cid") != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _raw_count(path, "cid") == 2
+    # Closing gives back what is still queued.
+    monkeypatch.setattr(refunds, "DELAY", 30.0)
+    reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
+    store.refund("cid", reserved.reserved, reserved.minute)
+    store.close()
+    assert _raw_count(path, "cid") == 3
+
+
+def test_a_refund_never_takes_off_what_is_not_there(tmp_path: Path) -> None:
+    path = str(tmp_path / "c")
+    store = CounterFile(path)
+    t0 = (int(time.time()) // 60) * 60.0
+    old = store.charge("eve", t0, {"recipients": 1}, {}, ahead=1)
+    store.charge("eve", t0 + 61 * 60, {"recipients": 1}, {})          # that minute has left the hour
+    store.refund("eve", old.reserved, old.minute)
+    store.flush()
+    assert store.charge("eve", t0 + 61 * 60, {"recipients": 0}, {}).counts["recipients"] == 1
+    now = time.time()
+    held = store.charge("fay", now, {"recipients": 1}, {}, ahead=1)
+    store.forget("fay")                                                 # an admin lifted fay meanwhile
+    store.refund("fay", held.reserved, held.minute)
+    store.flush()
+    assert _count(store, "fay") == 0
+    assert store.charge("fay", now, {"recipients": 1}, {}).counts["recipients"] == 1
+
+
+def test_a_forked_child_does_not_give_back_its_parents_refunds(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "c")
+    monkeypatch.setattr(refunds, "DELAY", 30.0)
+    store = CounterFile(path)
+    held = store.charge("gus", time.time(), {"recipients": 1}, {}, ahead=1)
+    store.refund("gus", held.reserved, held.minute)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            store.charge("other", time.time(), {"recipients": 1}, {})
+            store.flush()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert _raw_count(path, "gus") == 2                 # the child took nothing off
+    store.flush()
+    assert _raw_count(path, "gus") == 1
+
+
+def _writer(path: str, start: "multiprocessing.synchronize.Event", seed: int,
+            results: "multiprocessing.Queue") -> None:
+    store = CounterFile(path, lock_wait=10.0)
+    rnd = random.Random(seed)
+    start.wait(10)
+    relayed = 0
+    now = time.time()
+    for _ in range(TRANSACTIONS):
+        reserved, minute = 0, 0
+        for i in range(rnd.randint(1, 4)):              # one transaction, as policy.limits runs it
+            relayed += 1
+            if reserved:
+                reserved -= 1
+                continue
+            charge = store.charge("hal", now, {"recipients": 1, "messages": 0 if i else 1}, {"recipients": 10 ** 6},
+                                  ahead=1)
+            reserved, minute = charge.reserved, charge.minute
+        if reserved:
+            store.refund("hal", reserved, minute)
+    store.close()
+    results.put(relayed)
+
+
+def test_eight_processes_counting_ahead_and_refunding_leave_the_exact_count(tmp_path: Path) -> None:
+    path = str(tmp_path / "relayers-counters")
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(path, start, seed, results)) for seed in range(WRITERS)]
+    for p in procs:
+        p.start()
+    start.set()
+    relayed = sum(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    store = CounterFile(path)
+    assert _count(store, "hal") == relayed
+    assert _count(store, "hal", "messages") == WRITERS * TRANSACTIONS
