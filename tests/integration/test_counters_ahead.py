@@ -61,7 +61,7 @@ def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Pat
     assert _raw_count(path, "cid") == 2
     # Taken off by this process's next charge, under the same lock.
     monkeypatch.setattr(refunds, "DELAY", 30.0)
-    store.refund("cid", reserved.reserved, reserved.minute)
+    store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
     assert _raw_count(path, "cid") == 2                 # queued: another process still sees it
     assert store.charge("dot", now, {"recipients": 1}, {}).counts["recipients"] == 1
     assert _raw_count(path, "cid") == 1
@@ -71,7 +71,7 @@ def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Pat
     store = CounterFile(path)
     reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
     assert _raw_count(path, "cid") == 3
-    store.refund("cid", reserved.reserved, reserved.minute)
+    store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
     deadline = time.monotonic() + 5
     while _raw_count(path, "cid") != 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -79,7 +79,7 @@ def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Pat
     # Closing gives back what is still queued.
     monkeypatch.setattr(refunds, "DELAY", 30.0)
     reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
-    store.refund("cid", reserved.reserved, reserved.minute)
+    store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
     store.close()
     assert _raw_count(path, "cid") == 3
 
@@ -90,16 +90,36 @@ def test_a_refund_never_takes_off_what_is_not_there(tmp_path: Path) -> None:
     t0 = (int(time.time()) // 60) * 60.0
     old = store.charge("eve", t0, {"recipients": 1}, {}, ahead=1)
     store.charge("eve", t0 + 61 * 60, {"recipients": 1}, {})          # that minute has left the hour
-    store.refund("eve", old.reserved, old.minute)
+    store.refund("eve", old.reserved, old.minute, old.generation)
     store.flush()
     assert store.charge("eve", t0 + 61 * 60, {"recipients": 0}, {}).counts["recipients"] == 1
     now = time.time()
     held = store.charge("fay", now, {"recipients": 1}, {}, ahead=1)
     store.forget("fay")                                                 # an admin lifted fay meanwhile
-    store.refund("fay", held.reserved, held.minute)
+    store.refund("fay", held.reserved, held.minute, held.generation)
     store.flush()
     assert _count(store, "fay") == 0
     assert store.charge("fay", now, {"recipients": 1}, {}).counts["recipients"] == 1
+
+
+@pytest.mark.parametrize("start_afresh", ["removed", "cut short"])
+def test_a_refund_of_a_count_in_a_file_since_replaced_leaves_the_new_file_alone(tmp_path: Path,
+                                                                                start_afresh: str) -> None:
+    path = str(tmp_path / "relayers-counters")
+    store = CounterFile(path)
+    now = time.time()
+    held = store.charge("ida", now, {"recipients": 1}, {}, ahead=1)
+    # The admin starts counting afresh (rm, or ': >'), and another process counts ida in the new file.
+    if start_afresh == "removed":
+        os.unlink(path)
+    else:
+        os.truncate(path, 0)
+    other = CounterFile(path)
+    assert other.charge("ida", now, {"recipients": 1}, {}).counts["recipients"] == 1
+    assert other.charge("ida", now, {"recipients": 1}, {}).counts["recipients"] == 2
+    store.refund("ida", held.reserved, held.minute, held.generation)
+    store.flush()
+    assert _raw_count(path, "ida") == 2
 
 
 def test_a_forked_child_does_not_give_back_its_parents_refunds(tmp_path: Path,
@@ -108,7 +128,7 @@ def test_a_forked_child_does_not_give_back_its_parents_refunds(tmp_path: Path,
     monkeypatch.setattr(refunds, "DELAY", 30.0)
     store = CounterFile(path)
     held = store.charge("gus", time.time(), {"recipients": 1}, {}, ahead=1)
-    store.refund("gus", held.reserved, held.minute)
+    store.refund("gus", held.reserved, held.minute, held.generation)
     pid = os.fork()
     if pid == 0:
         try:
@@ -130,7 +150,7 @@ def _writer(path: str, start: "multiprocessing.synchronize.Event", seed: int,
     relayed = 0
     now = time.time()
     for _ in range(TRANSACTIONS):
-        reserved, minute = 0, 0
+        reserved, minute, generation = 0, 0, 0
         for i in range(rnd.randint(1, 4)):              # one transaction, as policy.limits runs it
             relayed += 1
             if reserved:
@@ -138,9 +158,9 @@ def _writer(path: str, start: "multiprocessing.synchronize.Event", seed: int,
                 continue
             charge = store.charge("hal", now, {"recipients": 1, "messages": 0 if i else 1}, {"recipients": 10 ** 6},
                                   ahead=1)
-            reserved, minute = charge.reserved, charge.minute
+            reserved, minute, generation = charge.reserved, charge.minute, charge.generation
         if reserved:
-            store.refund("hal", reserved, minute)
+            store.refund("hal", reserved, minute, generation)
     store.close()
     results.put(relayed)
 

@@ -247,3 +247,27 @@ def test_a_recipient_counted_ahead_asks_nothing_and_one_left_unused_is_refunded(
     assert relay(conn, 8) == [Milter.CONTINUE] * 6 + [Milter.TEMPFAIL] * 2
     assert "user=alice count=10 rule=recipients_per_hour" in m.log()[-1]
     assert count() == 10
+
+
+def test_a_lift_while_a_recipient_is_counted_ahead_leaves_the_fresh_count_exact(
+        m: Milter_, capsys: pytest.CaptureFixture[str]) -> None:
+    from relaymilter.cli.guard import main as guard
+
+    m.configure("limits: {recipients_per_hour: 100, suspend_minutes: 30}\n")
+    counters = m.holder.current.guard.store.counters
+    before = Conn(m.holder, STRANGER)
+    before.mail("<a@example.net>", "carl")
+    assert relay(before, 1) == [Milter.CONTINUE]        # counts the next recipient ahead; still open
+    # The admin, meanwhile: relaymilter-guard suspend, then lift (carl starts afresh).
+    assert guard(["-c", str(m.cfg), "suspend", "carl"]) == 0
+    assert guard(["-c", str(m.cfg), "lift", "carl"]) == 0
+    after = Conn(m.holder, STRANGER)
+    after.mail("<a@example.net>", "carl")
+    assert relay(after, 3) == [Milter.CONTINUE] * 3
+    after.close()
+    before.close()                      # the refund of a count the lift had already wiped
+    counters.flush()
+    capsys.readouterr()
+    assert guard(["-c", str(m.cfg), "list", "0"]) == 0
+    rows = [line.split(" ")[:3] for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert ["carl", "recipients", "3"] in rows, rows

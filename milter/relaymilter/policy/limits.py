@@ -116,6 +116,7 @@ class ChargeLike(Protocol):
     counts: Mapping[str, int]
     reserved: int                       # recipients counted ahead, in epoch minute *minute*
     minute: int
+    generation: int                     # of the counts they are in (store.counters: refunded only to those)
 
 
 class Store(Protocol):
@@ -131,7 +132,7 @@ class Store(Protocol):
 
     def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]: ...
 
-    def refund(self, identity: str, n: int, minute: int) -> None: ...
+    def refund(self, identity: str, n: int, minute: int, generation: int) -> None: ...
 
 
 class Step(NamedTuple):
@@ -150,7 +151,7 @@ _NEXT = {"recipients": 1}
 class Txn:
     """What one transaction (MAIL to MAIL) has learnt: the identity, whether its message is counted."""
 
-    __slots__ = ("identity", "counted", "seen", "recipients", "reserved", "minute")
+    __slots__ = ("identity", "counted", "seen", "recipients", "reserved", "minute", "generation")
 
     def __init__(self) -> None:
         self.identity: Optional[str] = None
@@ -158,7 +159,7 @@ class Txn:
         self.seen = False               # the client address is recorded for the AUTH user this transaction
         self.recipients: Optional[int] = None   # the identity's recipients count, answered at the last recipient
         self.reserved = 0               # recipients counted ahead (store.counters), in epoch minute *minute*
-        self.minute = 0
+        self.minute = self.generation = 0
 
 
 def _note(identity: Optional[str]) -> str:
@@ -330,7 +331,7 @@ class Guard:
         # Only a count answered just now lets the next recipient go unanswered: one posted after
         # another would go by a count that others' transactions may have long overtaken.
         txn.recipients = charge.counts.get("recipients")
-        txn.reserved, txn.minute = charge.reserved, charge.minute
+        txn.reserved, txn.minute, txn.generation = charge.reserved, charge.minute, charge.generation
         # Over addresses_per_hour: the address is asked about again at the next recipient, which is
         # refused the same way (otherwise the rest of the transaction would pass unasked).
         txn.seen = over != "addresses"
@@ -349,7 +350,7 @@ class Guard:
         if n and txn.identity is not None and self.store is not None:
             txn.reserved = 0
             try:
-                self.store.refund(txn.identity, n, txn.minute)
+                self.store.refund(txn.identity, n, txn.minute, txn.generation)
             except StoreUnavailable as exc:
                 log.warning("%d recipients counted ahead for %s not refunded: %s", n, txn.identity, exc)
 

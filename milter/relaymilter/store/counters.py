@@ -34,7 +34,11 @@ DESCRIPTION
     way - each one recipient of a transaction that ended moments ago, or of
     one a killed process left open - which can only make a limit refuse
     early, and only for an identity that went from half its limit to all
-    of it meanwhile.
+    of it meanwhile. A refund goes only to the counts it was counted in:
+    the header holds the file's generation (GENERATION_AT: random, set at
+    the first count of a new file - one removed or cut short and made
+    again - and changed by forget()); a refund of another generation is
+    dropped, what it would give back gone with the counts started afresh.
 
 DIAGNOSTICS
     StoreUnavailable when the file cannot be opened or created, is not a
@@ -50,6 +54,7 @@ import fcntl
 import hashlib
 import logging
 import mmap
+import os
 import struct
 import time
 import zlib
@@ -67,6 +72,7 @@ MAGIC = b"RMCOUNT1"
 SLOTS = 65536
 SLOT = 384
 HEAD = 64
+GENERATION_AT = 24          # in the header: the file's generation (see the module notes); 0 until its first count
 KEY_MAX = 128
 PROBES = 64
 ADDRESSES = 30              # most distinct addresses a user can be counted with (addresses_per_hour < this)
@@ -116,13 +122,15 @@ class Charge(NamedTuple):
     """What charge() found: the family over its limit (None: all within) and the counts after.
 
     reserved: recipients counted ahead (charge's *ahead*), in epoch minute
-    *minute* - to be used by the transaction's next recipients or refunded.
+    *minute* of the file's *generation*: for the transaction's next
+    recipients, or refunded.
     """
 
     over: Optional[str]
     counts: Mapping[str, int]
     reserved: int = 0
     minute: int = 0
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,9 +153,9 @@ class CounterFile(MappedFile):
 
     # -- refunds ------------------------------------------------------------------------
 
-    def refund(self, identity: str, n: int, minute: int) -> None:
-        """Give back *n* recipients counted ahead in *minute* (Charge.reserved): queued, taken off soon."""
-        self._refunds.add(identity, n, minute)
+    def refund(self, identity: str, n: int, minute: int, generation: int) -> None:
+        """Give back *n* recipients counted ahead in *minute* of *generation* (Charge): queued, taken off soon."""
+        self._refunds.add(identity, n, minute, generation)
 
     def flush(self) -> None:
         """Take this process's queued refunds off now."""
@@ -166,7 +174,10 @@ class CounterFile(MappedFile):
 
     def _apply_refunds(self, mm: mmap.mmap) -> None:
         """Under the lock: each queued refund off its minute's count, if that minute is still in the slot."""
-        for identity, n, minute in self._refunds.take():
+        now = self._generation(mm)
+        for identity, n, minute, generation in self._refunds.take():
+            if generation != now:
+                continue            # counted before a lift or in a file since replaced: gone already
             h = _hash_of("recipients", identity)
             off = self._find(mm, h, minute, create=False)
             if off is None:
@@ -176,6 +187,15 @@ class CounterFile(MappedFile):
                 continue            # the slot reused, or that minute gone from it: nothing left to give back
             at = off + _DATA + 4 * (minute % MINUTES)
             _U32.pack_into(mm, at, max(0, _U32.unpack_from(mm, at)[0] - n))
+
+    @staticmethod
+    def _generation(mm: mmap.mmap, renew: bool = False) -> int:
+        """Under LOCK_EX: the file's generation, set (or with *renew* changed) to a random one when 0."""
+        generation = 0 if renew else _HASH.unpack_from(mm, GENERATION_AT)[0]
+        if not generation:
+            generation = int.from_bytes(os.urandom(8), "little") or 1
+            _HASH.pack_into(mm, GENERATION_AT, generation)
+        return generation
 
     def close(self) -> None:
         self._refunds.stop()
@@ -240,7 +260,7 @@ class CounterFile(MappedFile):
         through). With *ahead*, that many more recipients are counted
         (Charge.reserved) when the count after them is within half the
         recipients limit (or there is none). One lock for the whole
-        operation, which first takes off this process's queued refunds.
+        operation, which first takes off this process's refunds.
         """
         minute = int(now) // 60
         with self._mutex:
@@ -288,7 +308,9 @@ class CounterFile(MappedFile):
                             _BUCKETS.pack_into(mm, off + _DATA, *moved)
                             _U32.pack_into(mm, off + 8, minute)
                         counts[family] += n
-                return Charge(over, counts, reserved, minute) if reserved else Charge(over, counts)
+                if reserved:
+                    return Charge(over, counts, reserved, minute, self._generation(mm))
+                return Charge(over, counts)
             finally:
                 self._unlock(self._fd)
 
@@ -368,12 +390,13 @@ class CounterFile(MappedFile):
             try:
                 if self._refunds:
                     self._apply_refunds(mm)
+                self._generation(mm, renew=True)    # what was counted ahead before is refunded no more
                 for family in FAMILIES:
-                    off = self._find(mm, slot_hash(family, identity), int(time.time()) // 60, create=False)
-                    if off is not None and _SLOT_HEAD.unpack_from(mm, off)[0] == slot_hash(family, identity):
-                        # Stale rather than empty, so that probe chains through it stay intact.
-                        _SLOT_HEAD.pack_into(mm, off, slot_hash(family, identity), 0, FAMILIES[family], 0)
+                    h = slot_hash(family, identity)
+                    off = self._find(mm, h, int(time.time()) // 60, create=False)
+                    if off is not None:
+                        # Stale rather than empty (probe chains through it stay intact), its text kept.
+                        _SLOT_HEAD.pack_into(mm, off, h, 0, FAMILIES[family], _SLOT_HEAD.unpack_from(mm, off)[3])
                         mm[off + _DATA:off + SLOT] = bytes(SLOT - _DATA)
             finally:
                 self._unlock(self._fd)
-

@@ -126,8 +126,8 @@ class GuardStore(Protocol):
     def suspend(self, identity: str, until: int, reason: str, now: float) -> list[str]:
         """Refuse *identity*'s relaying until *until*; remove its addresses from the relayers map (returned)."""
 
-    def refund(self, identity: str, n: int, minute: int) -> None:
-        """Give back *n* recipients counted ahead in epoch *minute* (Charge.reserved) and not used."""
+    def refund(self, identity: str, n: int, minute: int, generation: int) -> None:
+        """Give back *n* recipients counted ahead in epoch *minute* of *generation* (Charge) and not used."""
 
     def lift(self, identity: str) -> bool:
         """End a suspension and start the identity's counts afresh; whether one was in force."""
@@ -210,8 +210,8 @@ class HostGuardStore:
                                       ahead=ask.ahead)
         return Outcome(identity, user, None, charge)
 
-    def refund(self, identity: str, n: int, minute: int) -> None:
-        self.counters.refund(identity, n, minute)
+    def refund(self, identity: str, n: int, minute: int, generation: int) -> None:
+        self.counters.refund(identity, n, minute, generation)
 
     # -- users map ----------------------------------------------------------------------
 

@@ -334,7 +334,7 @@ class RedisGuardStore:
         missing = set(self.relay.delete(doomed))
         return [a for a in doomed if normalize_ip(a) not in missing]
 
-    def refund(self, identity: str, n: int, minute: int) -> None:
+    def refund(self, identity: str, n: int, minute: int, generation: int) -> None:
         raise NotImplementedError("nothing is counted ahead on Redis: there is nothing to refund")
 
     def lift(self, identity: str) -> bool:

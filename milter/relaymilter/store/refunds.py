@@ -37,11 +37,11 @@ DELAY = 0.02                # seconds a refund may wait for the process's next o
 
 
 class Refunds:
-    """One process's queue of (identity, n, minute) refunds; *flush* takes them off under the file's lock."""
+    """One process's queue of (identity, n, minute, generation) refunds; *flush* takes them off under the lock."""
 
     def __init__(self, flush: Callable[[], None]) -> None:
         self._flush = flush
-        self._queue: collections.deque[tuple[str, int, int]] = collections.deque()
+        self._queue: collections.deque[tuple[str, int, int, int]] = collections.deque()
         self._pid = pid()
         self._wake: threading.Event | None = None      # the thread's, once started in this process
         self._stopped = False
@@ -52,9 +52,9 @@ class Refunds:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, identity: str, n: int, minute: int) -> None:
+    def add(self, identity: str, n: int, minute: int, generation: int) -> None:
         self._own()
-        self._queue.append((identity, n, minute))
+        self._queue.append((identity, n, minute, generation))
         wake = self._wake
         if wake is None:
             wake = self._wake = threading.Event()
@@ -63,7 +63,7 @@ class Refunds:
         if not wake.is_set():
             wake.set()
 
-    def take(self) -> list[tuple[str, int, int]]:
+    def take(self) -> list[tuple[str, int, int, int]]:
         """Everything queued in this process (the caller holds the file's lock)."""
         self._own()
         queue = self._queue
