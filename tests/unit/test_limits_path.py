@@ -249,6 +249,22 @@ def test_a_recipient_counted_ahead_asks_nothing_and_one_left_unused_is_refunded(
     assert count() == 10
 
 
+def test_warn_mode_logs_every_recipient_enforce_would_refuse_over_addresses_per_hour(m: Milter_) -> None:
+    # Over addresses_per_hour in warn mode the first recipient must not count the next one ahead:
+    # the next is asked again and logged as the refusal enforce mode makes of it.
+    m.configure("limits: {addresses_per_hour: 2}\nmodes: {limits: warn}\n")
+    for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
+        conn = Conn(m.holder, ip)
+        conn.mail("<a@example.net>", "dave")
+        assert relay(conn, 3) == [Milter.CONTINUE] * 3
+    would = [line for line in m.log()[-3:] if ": would reject: RCPT from [198.51.100.3]: 451 4.7.1 " in line]
+    assert len(would) == 3 and all("user=dave count=3 rule=addresses_per_hour" in line for line in would)
+    m.configure("limits: {addresses_per_hour: 2}\n")
+    conn = Conn(m.holder, "198.51.100.3")
+    conn.mail("<a@example.net>", "dave")
+    assert relay(conn, 3) == [Milter.TEMPFAIL] * 3
+
+
 def test_a_lift_while_a_recipient_is_counted_ahead_leaves_the_fresh_count_exact(
         m: Milter_, capsys: pytest.CaptureFixture[str]) -> None:
     from relaymilter.cli.guard import main as guard

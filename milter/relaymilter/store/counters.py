@@ -258,9 +258,9 @@ class CounterFile(MappedFile):
         addresses). A family over its limit is named in the answer and
         nothing is added, unless *force* (warn-only mode: count what went
         through). With *ahead*, that many more recipients are counted
-        (Charge.reserved) when the count after them is within half the
-        recipients limit (or there is none). One lock for the whole
-        operation, which first takes off this process's refunds.
+        (Charge.reserved) when nothing is over and the count after them is
+        within half the recipients limit (or there is none). One lock for
+        the whole operation, which first takes off this process's refunds.
         """
         minute = int(now) // 60
         with self._mutex:
@@ -290,8 +290,8 @@ class CounterFile(MappedFile):
                         over = family
                     slots.append((family, off, last, values, n))
                     counts[family] = total
-                reserved = 0
-                if ahead and (over is None or force) and "recipients" in counts:
+                reserved = 0        # none when over, even forced (warn-only): the next is asked again
+                if ahead and over is None and "recipients" in counts:
                     limit = limits.get("recipients")
                     if limit is None or 2 * (counts["recipients"] + add["recipients"] + ahead) <= limit:
                         reserved = ahead
