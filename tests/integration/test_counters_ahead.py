@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,22 @@ def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Pat
     store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
     store.close()
     assert _raw_count(path, "cid") == 3
+
+
+def test_closing_while_the_thread_waits_to_flush_ends_the_thread(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "c")
+    monkeypatch.setattr(refunds, "DELAY", 0.3)
+    store = CounterFile(path)
+    held = store.charge("jon", time.time(), {"recipients": 1}, {}, ahead=1)
+    before = set(threading.enumerate())
+    store.refund("jon", held.reserved, held.minute, held.generation)
+    (thread,) = set(threading.enumerate()) - before     # this file's refund thread
+    time.sleep(0.05)                                    # the thread waits out DELAY
+    store.close()                                       # gives the refund back itself
+    assert _raw_count(path, "jon") == 1
+    thread.join(5)
+    assert not thread.is_alive()                        # not left waiting for ever
 
 
 def test_a_refund_never_takes_off_what_is_not_there(tmp_path: Path) -> None:

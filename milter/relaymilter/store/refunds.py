@@ -87,10 +87,11 @@ class Refunds:
     def _run(self, wake: threading.Event) -> None:
         while True:
             wake.wait()
-            if self._stopped or self._wake is not wake:
-                return
             time.sleep(DELAY)
             wake.clear()
+            # Asked after the clear: a stop() made while this thread slept must not be waited for again.
+            if self._stopped or self._wake is not wake:
+                return
             try:
                 self._flush()
             except StoreUnavailable as exc:
