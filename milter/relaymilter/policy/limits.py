@@ -41,7 +41,8 @@ DESCRIPTION
     within half the limit counts the next one too (Outcome.charge.reserved),
     which then passes without asking the store; one left unused is refunded
     when the transaction ends (release(): at the next MAIL or at close).
-    Counted ahead, a count is never low, only high by a refund on its way.
+    Counted ahead, a count is never low, only high by what transactions
+    open or just ended counted ahead and did not use.
 
     In warn-only mode (``modes: {limits: warn}``) a refusal is not made but
     returned as ``would`` for the log, what went through is counted all the

@@ -30,15 +30,16 @@ DESCRIPTION
     the transaction's next recipient costs no lock at all. One left unused
     when the transaction ends is refunded (refund(); store.refunds: queued,
     taken off in the process's next operation or within refunds.DELAY). A
-    count is therefore never low; it may be high by the refunds on their
-    way - each one recipient of a transaction that ended moments ago, or of
-    one a killed process left open - which can only make a limit refuse
-    early, and only for an identity that went from half its limit to all
-    of it meanwhile. A refund goes only to the counts it was counted in:
-    the header holds the file's generation (GENERATION_AT: random, set at
-    the first count of a new file - one removed or cut short and made
-    again - and changed by forget()); a refund of another generation is
-    dropped, what it would give back gone with the counts started afresh.
+    count is therefore never low; it may be high by one per transaction
+    holding one counted ahead and unused - open (until its next MAIL or its
+    connection's end: a message's DATA included), ended moments ago, or
+    left open by a killed process - which can only make a limit refuse
+    (with suspend_minutes, suspend) early, and only for an identity that
+    went from half its limit to all of it meanwhile. A refund goes only to
+    the counts it was counted in: the header holds the file's generation
+    (GENERATION_AT: random, set at the first count of a new file - one
+    removed or cut short and made again - changed by forget()); a refund
+    of another generation is dropped, gone with the counts started afresh.
 
 DIAGNOSTICS
     StoreUnavailable when the file cannot be opened or created, is not a
