@@ -183,15 +183,10 @@ class Guard:
         self._down_since: Optional[float] = None     # the counters have failed since then (monotonic)
         self._down_count = 0            # stats["unavailable"] when they did
         self._next_log = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.limits is not None and bool(self.table) and self.store is not None
-
-    @property
-    def folds_relay_lookup(self) -> bool:
-        """Whether at_listed_rcpt() can answer the relayers lookup too (a Redis store)."""
-        return self.active and bool(getattr(self.store, "folds_relay_lookup", False))
+        # Fixed for the Guard's life (a reload makes a new one), and asked at every transaction.
+        self.active = limits is not None and bool(self.table) and store is not None
+        # Whether at_listed_rcpt() can answer the relayers lookup too (a Redis store).
+        self.folds_relay_lookup = self.active and bool(getattr(store, "folds_relay_lookup", False))
 
     # -- the store, guarded ------------------------------------------------------------------
 
