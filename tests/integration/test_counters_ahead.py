@@ -16,11 +16,12 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from relaymilter.store import refunds
-from relaymilter.store.counters import CounterFile
+from relaymilter.store.counters import Charge, CounterFile
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,22 @@ def _count(store: CounterFile, identity: str, family: str = "recipients") -> int
 def _raw_count(path: str, identity: str) -> int:
     """The count as another process sees it, without taking off this process's queue first."""
     return _count(CounterFile(path), identity)
+
+
+def _ahead(store: CounterFile, identity: str, now: Optional[float] = None) -> Charge:
+    """One recipient counted for *identity*, with the next counted ahead (no limit: always)."""
+    return store.charge(identity, time.time() if now is None else now, {"recipients": 1}, {}, ahead=1)
+
+
+def _file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delay: float) -> tuple[str, CounterFile]:
+    """A fresh counter file's path and this process's CounterFile of it, refunds flushed after *delay*."""
+    monkeypatch.setattr(refunds, "DELAY", delay)
+    path = str(tmp_path / "c")
+    return path, CounterFile(path)
+
+
+def _give_back(store: CounterFile, identity: str, held: Charge) -> None:
+    store.refund(identity, held.reserved, held.minute, held.generation)
 
 
 def test_counted_ahead_within_half_the_limit_only(tmp_path: Path) -> None:
@@ -58,11 +75,11 @@ def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Pat
     path = str(tmp_path / "c")
     store = CounterFile(path)
     now = time.time()
-    reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
+    reserved = _ahead(store, "cid", now)
     assert _raw_count(path, "cid") == 2
     # Taken off by this process's next charge, under the same lock.
     monkeypatch.setattr(refunds, "DELAY", 30.0)
-    store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
+    _give_back(store, "cid", reserved)
     assert _raw_count(path, "cid") == 2                 # queued: another process still sees it
     assert store.charge("dot", now, {"recipients": 1}, {}).counts["recipients"] == 1
     assert _raw_count(path, "cid") == 1
@@ -70,29 +87,26 @@ def test_a_refund_is_taken_off_by_the_next_operation_or_the_thread(tmp_path: Pat
     # Taken off by the thread when the process does nothing more.
     monkeypatch.setattr(refunds, "DELAY", 0.02)
     store = CounterFile(path)
-    reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
+    reserved = _ahead(store, "cid", now)
     assert _raw_count(path, "cid") == 3
-    store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
+    _give_back(store, "cid", reserved)
     deadline = time.monotonic() + 5
     while _raw_count(path, "cid") != 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _raw_count(path, "cid") == 2
     # Closing gives back what is still queued.
     monkeypatch.setattr(refunds, "DELAY", 30.0)
-    reserved = store.charge("cid", now, {"recipients": 1}, {}, ahead=1)
-    store.refund("cid", reserved.reserved, reserved.minute, reserved.generation)
+    _give_back(store, "cid", _ahead(store, "cid", now))
     store.close()
     assert _raw_count(path, "cid") == 3
 
 
 def test_closing_while_the_thread_waits_to_flush_ends_the_thread(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    path = str(tmp_path / "c")
-    monkeypatch.setattr(refunds, "DELAY", 0.3)
-    store = CounterFile(path)
-    held = store.charge("jon", time.time(), {"recipients": 1}, {}, ahead=1)
+    path, store = _file(tmp_path, monkeypatch, 0.3)
+    held = _ahead(store, "jon")
     before = set(threading.enumerate())
-    store.refund("jon", held.reserved, held.minute, held.generation)
+    _give_back(store, "jon", held)
     (thread,) = set(threading.enumerate()) - before     # this file's refund thread
     time.sleep(0.05)                                    # the thread waits out DELAY
     store.close()                                       # gives the refund back itself
@@ -105,15 +119,15 @@ def test_a_refund_never_takes_off_what_is_not_there(tmp_path: Path) -> None:
     path = str(tmp_path / "c")
     store = CounterFile(path)
     t0 = (int(time.time()) // 60) * 60.0
-    old = store.charge("eve", t0, {"recipients": 1}, {}, ahead=1)
+    old = _ahead(store, "eve", t0)
     store.charge("eve", t0 + 61 * 60, {"recipients": 1}, {})          # that minute has left the hour
-    store.refund("eve", old.reserved, old.minute, old.generation)
+    _give_back(store, "eve", old)
     store.flush()
     assert store.charge("eve", t0 + 61 * 60, {"recipients": 0}, {}).counts["recipients"] == 1
     now = time.time()
-    held = store.charge("fay", now, {"recipients": 1}, {}, ahead=1)
+    held = _ahead(store, "fay", now)
     store.forget("fay")                                                 # an admin lifted fay meanwhile
-    store.refund("fay", held.reserved, held.minute, held.generation)
+    _give_back(store, "fay", held)
     store.flush()
     assert _count(store, "fay") == 0
     assert store.charge("fay", now, {"recipients": 1}, {}).counts["recipients"] == 1
@@ -125,7 +139,7 @@ def test_a_refund_of_a_count_in_a_file_since_replaced_leaves_the_new_file_alone(
     path = str(tmp_path / "relayers-counters")
     store = CounterFile(path)
     now = time.time()
-    held = store.charge("ida", now, {"recipients": 1}, {}, ahead=1)
+    held = _ahead(store, "ida", now)
     # The admin starts counting afresh (rm, or ': >'), and another process counts ida in the new file.
     if start_afresh == "removed":
         os.unlink(path)
@@ -134,18 +148,15 @@ def test_a_refund_of_a_count_in_a_file_since_replaced_leaves_the_new_file_alone(
     other = CounterFile(path)
     assert other.charge("ida", now, {"recipients": 1}, {}).counts["recipients"] == 1
     assert other.charge("ida", now, {"recipients": 1}, {}).counts["recipients"] == 2
-    store.refund("ida", held.reserved, held.minute, held.generation)
+    _give_back(store, "ida", held)
     store.flush()
     assert _raw_count(path, "ida") == 2
 
 
 def test_a_forked_child_does_not_give_back_its_parents_refunds(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    path = str(tmp_path / "c")
-    monkeypatch.setattr(refunds, "DELAY", 30.0)
-    store = CounterFile(path)
-    held = store.charge("gus", time.time(), {"recipients": 1}, {}, ahead=1)
-    store.refund("gus", held.reserved, held.minute, held.generation)
+    path, store = _file(tmp_path, monkeypatch, 30.0)
+    _give_back(store, "gus", _ahead(store, "gus"))
     pid = os.fork()
     if pid == 0:
         try:
