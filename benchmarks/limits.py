@@ -83,11 +83,11 @@ def fill(location: str, entries: int) -> None:
 
 
 def one_relayed(kind: Kind) -> Kind:
-    """A listed client's session with its last remote recipient made local (its answer stays continue)."""
-    rcpts = kind.rcpts
-    if rcpts[-1][1] != CONTINUE or not rcpts[-1][0].startswith("<friend"):
+    """A listed client's session with its last remote recipient (<friendN@...>) made local (<userN@...>)."""
+    last, answer = kind.rcpts[-1]
+    if answer != CONTINUE or not last.startswith("<friend"):
         return kind
-    return Kind(kind.client, rcpts[:-1] + ((LOCAL % (10 ** 6 + len(rcpts)), CONTINUE),))
+    return Kind(kind.client, kind.rcpts[:-1] + ((LOCAL % int(last[len("<friend"):last.index("@")]), CONTINUE),))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -138,8 +138,7 @@ class Session:
         self.auth = auth or None
         self._standing = None
         self._known = None
-        if self.guard is not None and self.txn.reserved:
-            self.guard.release(self.txn)
+        self.close()                        # the transaction before this one has ended
         self.txn = Txn()
         self._counted = None
         self.warned, self.note = None, ""
@@ -163,7 +162,7 @@ class Session:
         return SENDER_OK
 
     def close(self) -> None:
-        """The connection has ended, and its transaction with it."""
+        """The transaction has ended (a new MAIL, or the connection's end): give back what it counted ahead."""
         if self.guard is not None and self.txn.reserved:
             self.guard.release(self.txn)
 

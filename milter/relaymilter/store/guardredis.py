@@ -335,7 +335,8 @@ class RedisGuardStore:
         return [a for a in doomed if normalize_ip(a) not in missing]
 
     def refund(self, identity: str, n: int, minute: int, generation: int) -> None:
-        raise NotImplementedError("nothing is counted ahead on Redis: there is nothing to refund")
+        """Nothing to do: gate() never counts ahead here (its Charge.reserved is always 0), so
+        policy.limits never has anything to give back to this store."""
 
     def lift(self, identity: str) -> bool:
         raw = identity.encode("utf-8", "surrogateescape")
